@@ -1,0 +1,30 @@
+"""One small error hierarchy for the whole runtime.
+
+Library code raises these; only the CLI edge turns them into one-line messages and exit codes, so that
+callers of the Python API can still tell a bad scan from a bad model from a missing backend.
+"""
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class InputError(EdgeError):
+    """A scan could not be read or decoded (missing, empty, truncated, not an image, too large, too small)."""
+
+
+class ModelError(EdgeError):
+    """A model file is missing, corrupt, or lacks the metadata the runtime needs."""
+
+
+class BackendError(EdgeError):
+    """No usable TFLite interpreter backend is installed, or the one asked for is missing."""
+
+
+class DicomError(InputError):
+    """A DICOM file is unsupported (transfer syntax, photometric interpretation, frame) or unreadable."""
+
+
+class CameraError(EdgeError):
+    """A camera source is unavailable (library missing, device busy or absent)."""

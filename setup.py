@@ -1,0 +1,55 @@
+"""Edge runtime for explainable brain-MRI classification (int8 TFLite + in-graph Grad-CAM)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+# LiteRT publishes wheels for Linux x86_64/aarch64 and macOS arm64; 32-bit Arm boards get tflite-runtime.
+RUNTIME = [
+    "numpy>=1.23",
+    "pillow>=10.0",
+    "click>=8.1",
+    "psutil>=5.9",
+    "ai-edge-litert>=1.2; platform_machine in 'x86_64 aarch64 arm64 AMD64'",
+    "tflite-runtime>=2.13; platform_machine == 'armv7l'",
+]
+CONVERT = [
+    "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
+    "tensorflow>=2.16; platform_machine != 'x86_64'",
+    "matplotlib>=3.7",
+    "imagehash>=4.3",
+]
+DICOM = ["pydicom>=2.4", "pylibjpeg>=2.0"]
+
+setup(
+    name="edge-mri",
+    version="0.1.0",
+    description=__doc__,
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edge", "edge.*", "convert", "convert.*", "benchmarks", "benchmarks.*"]),
+    package_data={
+        "edge": ["models/*.tflite", "models/*.md", "samples/*"],
+        "benchmarks": ["baselines/*.json", "baselines/*.md"],
+    },
+    install_requires=RUNTIME,
+    extras_require={
+        "convert": CONVERT,
+        "dicom": DICOM,
+        "camera": ["picamera2>=0.3"],
+        "webcam": ["opencv-python-headless>=4.8"],
+        "test": ["pytest>=7.4"] + CONVERT + DICOM,
+    },
+    entry_points={
+        "console_scripts": [
+            "edge-classify=edge.cli:main",
+            "edge-convert=convert.convert_cli:main",
+            "edge-train=convert.train_cli:main",
+            "edge-evaluate=convert.evaluate_cli:main",
+            "edge-dedup=convert.dedup_cli:main",
+            "edge-bench=benchmarks.cli:main",
+        ]
+    },
+)

@@ -1,0 +1,65 @@
+"""The two networks we ship.
+
+Both end in GlobalAveragePooling -> Dropout -> Dense(softmax) on the last feature map, the head for which
+Grad-CAM is exact (the gradient of a class score is the same at every position of the feature map, so
+Grad-CAM equals the class activation map) and cheap to build in-graph.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def custom_cnn(input_size: int, channels: int, num_classes: int, width: int = 64):
+    """A ~1.3M-parameter residual depthwise-separable CNN (a miniature Xception) for edge CPUs.
+
+    Depthwise-separable blocks give ~8x fewer multiply-adds than plain 3x3 convolutions at equal width,
+    which is what keeps int8 latency on a Raspberry Pi in single-digit milliseconds. Residual 1x1
+    shortcuts keep it trainable from scratch in a few epochs; total stride 16 leaves an 8x8 Grad-CAM grid
+    at 128 px input.
+    """
+    import keras
+    from keras import layers
+
+    inp = keras.Input((input_size, input_size, channels), name="image")
+    x = layers.Conv2D(width // 2, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inp)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    widths = (width, width * 2, width * 4, width * 8)
+    for i, w in enumerate(widths):
+        shortcut = x
+        for j in range(2):
+            x = layers.SeparableConv2D(w, 3, padding="same", use_bias=False, name=f"b{i}_sep{j}")(x)
+            x = layers.BatchNormalization(name=f"b{i}_bn{j}")(x)
+            x = layers.ReLU(name=f"b{i}_relu{j}")(x)
+        stride = 2 if i < len(widths) - 1 else 1
+        if stride == 2:
+            x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"b{i}_pool")(x)
+        shortcut = layers.Conv2D(w, 1, strides=stride, padding="same", use_bias=False, name=f"b{i}_short")(shortcut)
+        shortcut = layers.BatchNormalization(name=f"b{i}_short_bn")(shortcut)
+        x = layers.Add(name=f"b{i}_add")([x, shortcut])
+    x = layers.SeparableConv2D(width * 16, 3, padding="same", use_bias=False, name="top_sep")(x)
+    x = layers.BatchNormalization(name="top_bn")(x)
+    x = layers.ReLU(name="top_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    out = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name="custom_cnn")
+
+
+def xception(input_size: int, num_classes: int, weights: str | Path | None):
+    """ImageNet Xception as a nested base with a GAP + Dropout + Dense head; returns (model, base).
+
+    ``weights`` is ``"imagenet"`` (Keras downloads; not on our machines), a path to the no-top weights
+    file, or None for random initialisation (tests).
+    """
+    import keras
+    from keras import layers
+
+    base = keras.applications.Xception(include_top=False, weights=str(weights) if weights else None,
+                                       input_shape=(input_size, input_size, 3))
+    inp = keras.Input((input_size, input_size, 3), name="image")
+    x = base(inp, training=False)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    out = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name="xception_mri"), base

@@ -1,0 +1,280 @@
+"""Training recipes for the shipped models, written for a 2-core CPU box (a GPU only makes them faster).
+
+The custom CNN trains end to end on in-memory prepared images. Xception trains in two phases: (1) the
+ImageNet base frozen, only the head learns; (2) the exit flow (blocks 13-14) unfrozen at a low learning
+rate. Both phases run on cached activations of the frozen layers below the trainable part, computed
+once for a few augmented copies of every training image, which turns hours of CPU into minutes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from convert import augment
+from convert.dataset import FolderData, class_weights, load_folder, stratified_split
+from convert.keras_io import save_model
+from convert.normalisation import apply as normalise, parse as parse_norm
+
+PIPELINE = "mri-crop-v1"
+PREPROCESS = "tf"
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    data: Path
+    out: Path
+    input_size: int
+    epochs: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.1
+    patience: int = 6
+    seed: int = 0
+    weights: str | None = None
+    fine_tune_epochs: int = 4
+    feature_copies: int = 2
+    limit: int | None = None
+    cache_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _channels(arch: str) -> int:
+    return 1 if arch == "custom-cnn" else 3
+
+
+def _subset(d: FolderData, idx: np.ndarray) -> FolderData:
+    return FolderData(d.x[idx], d.y[idx], d.labels, [d.paths[i] for i in idx], [])
+
+
+def _limit(d: FolderData, limit: int | None, seed: int) -> FolderData:
+    """A class-balanced subset of at most ``limit`` images (tests and smoke runs)."""
+    if not limit or limit >= d.y.size:
+        return d
+    rng = np.random.default_rng(seed)
+    per = max(1, limit // len(d.labels))
+    idx = np.concatenate([rng.permutation(np.flatnonzero(d.y == c))[:per] for c in range(len(d.labels))])
+    return _subset(d, np.sort(idx))
+
+
+def _augmented_batches(x: np.ndarray, y: np.ndarray, batch: int, seed: int, num_classes: int):
+    """tf.data pipeline: shuffle, augment geometry and intensity, normalise, one-hot labels."""
+    import tensorflow as tf
+
+    geo = augment.build(seed)
+    norm = parse_norm(PREPROCESS, x.shape[-1])
+
+    def aug(xb, yb):
+        xb = tf.cast(xb, tf.float32)
+        xb = augment.intensity(geo(xb, training=True))
+        return normalise(xb, norm), tf.one_hot(yb, num_classes)
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(x.shape[0], seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch).map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def _plain_batches(x: np.ndarray, y: np.ndarray, batch: int, num_classes: int):
+    import tensorflow as tf
+
+    norm = parse_norm(PREPROCESS, x.shape[-1])
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    return ds.map(lambda a, b: (normalise(tf.cast(a, tf.float32), norm), tf.one_hot(b, num_classes))).prefetch(2)
+
+
+class _EpochBar:
+    """A click progress bar over epochs (Keras's own per-step bar is noise in a log file)."""
+
+    def __new__(cls, total: int, label: str):
+        import keras
+
+        class Bar(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"),
+                                             show_pos=True)
+                self.bar.__enter__()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.bar.update(1)
+                keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+                click.echo("  " + " ".join(f"{k}={logs[k]:.4f}" for k in keys if k in (logs or {})), err=True)
+
+            def on_train_end(self, logs=None):
+                self.bar.__exit__(None, None, None)
+
+        return Bar()
+
+
+def _callbacks(cfg: TrainConfig, run_dir: Path, label: str, epochs: int, prefix: str):
+    import keras
+
+    return [
+        keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(str(run_dir / f"{prefix}best.weights.h5"), monitor="val_loss",
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.CSVLogger(str(run_dir / f"{prefix}log.csv")),
+        _EpochBar(epochs, label),
+    ]
+
+
+def _merge(histories: list[dict]) -> dict:
+    out: dict[str, list] = {}
+    for h in histories:
+        for k, v in h.items():
+            out.setdefault(k, []).extend(float(a) for a in v)
+    return out
+
+
+def _compile(model, lr: float, steps: int, epochs: int) -> None:
+    import keras
+
+    sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps * epochs), alpha=0.05)
+    model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=1e-4),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.05), metrics=["accuracy"])
+
+
+def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: Path):
+    """End-to-end training of the custom CNN with on-the-fly augmentation."""
+    from convert.architectures import custom_cnn
+
+    model = custom_cnn(cfg.input_size, 1, len(train.labels))
+    steps = int(np.ceil(train.y.size / cfg.batch_size))
+    _compile(model, cfg.lr, steps, cfg.epochs)
+    hist = model.fit(
+        _augmented_batches(train.x, train.y, cfg.batch_size, cfg.seed, len(train.labels)),
+        validation_data=_plain_batches(val.x, val.y, 64, len(train.labels)),
+        epochs=cfg.epochs, class_weight=class_weights(train.y, len(train.labels)), verbose=0,
+        callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs", cfg.epochs, ""),
+    )
+    return model, hist.history
+
+
+def _xception_split(base):
+    """(frozen part: base input -> block12 output, trainable exit flow as a model on that tensor)."""
+    import keras
+
+    cut = base.get_layer("block13_sepconv1_act").input
+    lower = keras.Model(base.input, cut, name="xception_lower")
+    return lower, cut
+
+
+def _cache_features(lower, x: np.ndarray, copies: int, augmented: bool, seed: int, label: str) -> np.ndarray:
+    """Activations of the frozen lower Xception for ``copies`` augmented passes over ``x`` (float16)."""
+    import tensorflow as tf
+
+    geo = augment.build(seed)
+    norm = parse_norm(PREPROCESS, 3)
+    out = []
+    total = copies * int(np.ceil(x.shape[0] / 32))
+    with click.progressbar(length=total, label=label, file=click.get_text_stream("stderr")) as bar:
+        for c in range(copies):
+            tf.random.set_seed(seed + c)
+            feats = []
+            for i in range(0, x.shape[0], 32):
+                xb = tf.cast(x[i:i + 32], tf.float32)
+                if augmented:
+                    xb = augment.intensity(geo(xb, training=True))
+                feats.append(lower(normalise(xb, norm), training=False).numpy().astype(np.float16))
+                bar.update(1)
+            out.append(np.concatenate(feats))
+    return np.stack(out)
+
+
+def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: Path):
+    """Two-phase transfer learning on cached block-12 activations; returns the full model and history."""
+    import keras
+    import tensorflow as tf
+
+    from convert.architectures import xception
+
+    model, base = xception(cfg.input_size, len(train.labels), cfg.weights)
+    lower, cut = _xception_split(base)
+    # The trainable top: exit flow of the base + our head, as one model on block-12 activations.
+    top_in = keras.Input(cut.shape[1:], name="block12_features")
+    upper_base = keras.Model(cut, base.output, name="xception_upper")
+    y = upper_base(top_in, training=False)
+    for name in ("gap", "dropout", "predictions"):
+        y = model.get_layer(name)(y)
+    top = keras.Model(top_in, y, name="xception_top")
+
+    f_train = _cache_features(lower, train.x, cfg.feature_copies, True, cfg.seed, "caching train features")
+    f_val = _cache_features(lower, val.x, 1, False, cfg.seed, "caching val features")[0]
+    ftr = f_train.reshape((-1,) + f_train.shape[2:])
+    ytr = np.tile(train.y, cfg.feature_copies)
+    num = len(train.labels)
+
+    def ds(f, yv, shuffle):
+        d = tf.data.Dataset.from_tensor_slices((f, yv))
+        if shuffle:
+            d = d.shuffle(f.shape[0], seed=cfg.seed)
+        return d.batch(cfg.batch_size).map(lambda a, b: (tf.cast(a, tf.float32), tf.one_hot(b, num))).prefetch(2)
+
+    cw = class_weights(train.y, num)
+    histories = []
+    for layer in upper_base.layers:
+        layer.trainable = False
+    steps = int(np.ceil(ftr.shape[0] / cfg.batch_size))
+    _compile(top, cfg.lr, steps, cfg.epochs)
+    h1 = top.fit(ds(ftr, ytr, True), validation_data=ds(f_val, val.y, False), epochs=cfg.epochs,
+                 class_weight=cw, verbose=0,
+                 callbacks=_callbacks(cfg, run_dir, "xception phase 1 (frozen base)", cfg.epochs, "phase1_"))
+    histories.append(h1.history)
+    if cfg.fine_tune_epochs > 0:
+        for layer in upper_base.layers:
+            # BatchNorm stays frozen: its statistics were estimated on ImageNet-sized batches.
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        _compile(top, cfg.lr / 20, steps, cfg.fine_tune_epochs)
+        h2 = top.fit(ds(ftr, ytr, True), validation_data=ds(f_val, val.y, False), epochs=cfg.fine_tune_epochs,
+                     class_weight=cw, verbose=0,
+                     callbacks=_callbacks(cfg, run_dir, "xception phase 2 (exit flow)", cfg.fine_tune_epochs,
+                                          "phase2_"))
+        histories.append(h2.history)
+    return model, _merge(histories)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg.arch`` on ``cfg.data/Training`` (or ``cfg.data`` itself); save .keras + log + curves."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    root = cfg.data / "Training" if (cfg.data / "Training").is_dir() else cfg.data
+    channels = _channels(cfg.arch)
+    data = _limit(load_folder(root, cfg.input_size, channels, PIPELINE, cache_dir=cfg.cache_dir), cfg.limit, cfg.seed)
+    tr_idx, va_idx = stratified_split(data.y, cfg.val_fraction, cfg.seed)
+    train, val = _subset(data, tr_idx), _subset(data, va_idx)
+    run_dir = cfg.out.parent / (cfg.out.stem + "_run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if cfg.arch == "custom-cnn":
+        model, history = train_custom(cfg, train, val, run_dir)
+    elif cfg.arch == "xception":
+        model, history = train_xception(cfg, train, val, run_dir)
+    else:
+        raise click.BadParameter(f"unknown architecture {cfg.arch!r}")
+    seconds = time.time() - t0
+    val_acc = float(model.evaluate(_plain_batches(val.x, val.y, 64, len(data.labels)), verbose=0)[1])
+    carried = {
+        "name": cfg.arch,
+        "labels": data.labels,
+        "input_size": cfg.input_size,
+        "channels": channels,
+        "pipeline": PIPELINE,
+        "preprocess": PREPROCESS,
+        "training": {
+            "data": str(root), "images": int(data.y.size), "train": int(train.y.size), "val": int(val.y.size),
+            "skipped": data.skipped, "epochs_run": len(history.get("loss", [])), "seconds": round(seconds, 1),
+            "val_accuracy": val_acc, "params": int(model.count_params()),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
+        },
+    }
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, cfg.out, carried)
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    from convert import plots
+
+    plots.learning_curves(history, run_dir / "learning_curves.png", f"{cfg.arch} ({cfg.input_size}px)")
+    return carried

@@ -1,0 +1,70 @@
+"""`edge-train`: train one of the shipped architectures on a class-folder data set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["custom-cnn", "xception"]), default="custom-cnn", show_default=True,
+              help="custom-cnn: ~1.26M-parameter depthwise-separable CNN, grayscale. xception: ImageNet "
+                   "Xception, two-phase fine-tuning.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the trained model (.keras). Logs, checkpoints and learning curves go to "
+                   "OUT_run/ beside it.")
+@click.option("--input-size", type=int, default=None, help="Square input size [default: 128 custom-cnn, 160 xception].")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs (phase 1 for xception).")
+@click.option("--fine-tune-epochs", type=int, default=4, show_default=True,
+              help="xception only: epochs with the exit flow unfrozen at lr/20.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Stratified share of the training images held out for early stopping.")
+@click.option("--patience", type=int, default=6, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--weights", default=None,
+              help="xception only: 'imagenet', a path to the no-top weights .h5, or 'none'.")
+@click.option("--feature-copies", type=int, default=2, show_default=True,
+              help="xception only: augmented copies of each training image whose frozen-base activations are cached.")
+@click.option("--limit", type=int, default=None, help="Use at most N training images, class-balanced (smoke tests).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache prepared images here (.npz) to skip decoding on the next run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, fine_tune_epochs: int,
+         batch_size: int, lr: float, val_fraction: float, patience: int, weights: str | None,
+         feature_copies: int, limit: int | None, cache_dir: Path | None, seed: int) -> None:
+    """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
+
+    Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
+    stretch, square resize), then augmented (rotation, shift, zoom, flip, brightness, contrast, gamma,
+    blur, noise). Classes are weighted by inverse frequency. The saved .keras file carries its labels and
+    preprocessing, so `edge-convert OUT --calibration DIR --out model.tflite` needs no other flags.
+
+    \b
+    Examples:
+      edge-train ../shared/data/brain-tumor-mri --out runs/custom-cnn.keras --cache-dir cache
+      edge-train ../shared/data/brain-tumor-mri --arch xception \\
+          --weights ../shared/weights/xception_imagenet_notop.weights.h5 --out runs/xception.keras
+
+    Exit codes: 0 trained and saved; 1 bad data or options; 2 usage error.
+    """
+    from convert import train
+
+    if weights is not None and arch != "xception":
+        raise click.UsageError("--weights applies to --arch xception only")
+    if arch == "xception" and weights is None:
+        raise click.UsageError("--arch xception needs --weights imagenet|PATH|none")
+    w = None if weights in (None, "none") else weights
+    if w not in (None, "imagenet") and not Path(w).is_file():
+        raise click.BadParameter(f"{w}: no such weights file", param_hint="--weights")
+    cfg = train.TrainConfig(
+        arch=arch, data=data, out=out, input_size=input_size or (128 if arch == "custom-cnn" else 160),
+        epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience, seed=seed,
+        weights=w, fine_tune_epochs=fine_tune_epochs, feature_copies=feature_copies, limit=limit,
+        cache_dir=cache_dir,
+    )
+    carried = train.run(cfg)
+    t = carried["training"]
+    click.echo(f"{out}: {t['params']:,} parameters, {t['epochs_run']} epochs in {t['seconds']:.0f} s, "
+               f"validation accuracy {t['val_accuracy']:.4f}")

@@ -1,0 +1,361 @@
+"""DICOM scans -> display-ready 2-D float32 images, without ever letting patient data out.
+
+Why this exists rather than `pydicom.dcmread(...).pixel_array`: a raw pixel array is not what a
+radiologist (or a model trained on exported JPEGs) sees. The stored values first go through the
+Modality LUT (rescale slope/intercept, e.g. to Hounsfield units), then through the VOI LUT (the window a
+technologist chose), and MONOCHROME1 images are displayed inverted. Doing the same here makes a DICOM
+slice look like the JPEG export the model was trained on.
+
+Output images are float32 in [0, 255] (the range of the 8-bit exports the models were trained on) so
+`edge.preprocess.prepare` treats them like any decoded JPEG.
+
+Privacy: nothing that leaves this module (arrays, frame suffixes, exception messages, log records) carries
+patient data. Exception messages are written here; the few that quote pydicom have every text value of
+the file's identifying elements scrubbed out first, and pydicom's own warnings/log records (which quote
+raw element values, e.g. an invalid birth date) are silenced while a file is read. The one identifier
+offered is the SOP Instance UID, through `sop_instance_uid`, for callers that opt in.
+
+pydicom (>= 3) is imported lazily so the runtime installs and runs without it; `pip install
+edge-mri[dicom]` adds it together with pylibjpeg for JPEG-compressed transfer syntaxes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DicomError
+
+SUFFIXES = (".dcm", ".dicom")
+_MAGIC_OFFSET = 128
+_MAGIC = b"DICM"
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+#: Defined terms that may be echoed in messages; any other value of a coded element is not repeated,
+#: since a corrupt file can hold anything (a name) where a code should be.
+_PHOTOMETRIC_TERMS = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422",
+                      "XYB", *_COLOUR)
+#: Text VRs whose values may identify a person, an institution or a study; scrubbed from quoted messages.
+_TEXT_VRS = {"PN", "LO", "SH", "DA", "DT", "TM", "AS", "ST", "LT", "UT", "UC", "AE"}
+#: Quoted pydicom messages are cut to this length: one readable line, not a dump.
+_MAX_QUOTE = 160
+
+
+def is_dicom(path: Path) -> bool:
+    """True when the file carries the DICOM magic ('DICM' at byte 128) or a DICOM suffix.
+
+    The suffix counts too because files without the 128-byte preamble (older or hand-made exports) are
+    still DICOM and `read_frames` can read most of them.
+    """
+    path = Path(path)
+    if path.suffix.lower() in SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_MAGIC_OFFSET + len(_MAGIC))
+    except OSError:
+        return False
+    return head[_MAGIC_OFFSET:] == _MAGIC
+
+
+def sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID (the only identifier the runtime ever reports), or None when absent."""
+    pydicom = _pydicom()
+    with _quiet(), _no_context():
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
+            uid = ds.get("SOPInstanceUID")
+        except FileNotFoundError:
+            raise DicomError("file not found") from None
+        except Exception as exc:  # pydicom raises many types for corrupt headers
+            raise DicomError(f"unreadable DICOM header ({type(exc).__name__})") from None
+    return str(uid) if uid else None
+
+
+def read_frames(
+    path: Path, frame: int | None = 0, window: tuple[float, float] | None = None
+) -> list[tuple[str, np.ndarray]]:
+    """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file.
+
+    Returns `(suffix, image)` pairs: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
+    same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready.
+    `window=(centre, width)` overrides the file's window (linear VOI function, in rescaled units such as
+    Hounsfield units); it applies to grayscale images only.
+    """
+    # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
+    # the dataset, not only the read, happens with its warnings and log records silenced.
+    with _quiet(), _no_context():
+        return _read_frames(Path(path), frame, window)
+
+
+def _read_frames(path: Path, frame: int | None, window: tuple[float, float] | None) -> list[tuple[str, np.ndarray]]:
+    ds = _read_dataset(path)
+    count = _frame_count(ds)
+    if frame is not None and not 0 <= frame < count:
+        raise DicomError(f"frame {frame} out of range (the file has {count} frame{'s' if count != 1 else ''})")
+    if window is not None and window[1] <= 0:
+        raise DicomError(f"window width must be positive, got {window[1]:g}")
+    pixels = _decode(ds, frame)
+    stack = pixels[None] if (count == 1 or frame is not None) else pixels
+    indices = range(count) if frame is None else [frame]
+    out = []
+    for index, raw in zip(indices, stack):
+        suffix = "" if count == 1 else f"[frame {index}]"
+        out.append((suffix, _display(raw, ds, index, window)))
+    return out
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+        import pydicom.pixels  # noqa: F401  (pydicom >= 3)
+    except ImportError:
+        raise DicomError("reading DICOM needs pydicom >= 3; `pip install edge-mri[dicom]`") from None
+    return pydicom
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pydicom's warnings and log records: they quote raw element values (patient data)."""
+    log = logging.getLogger("pydicom")
+    drop = _DropAll()
+    log.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _no_context() -> Iterator[None]:
+    """Detach the pydicom exception a DicomError was raised from: its message may quote patient data,
+    and `raise ... from None` only hides it from tracebacks while keeping it on `__context__`."""
+    try:
+        yield
+    except DicomError as exc:
+        exc.__context__ = None
+        raise
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _read_dataset(path: Path) -> Any:
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except InvalidDicomError:
+            # No preamble/'DICM' (older exports): parse anyway, then insist on pixel data below.
+            ds = pydicom.dcmread(str(path), force=True)
+    except FileNotFoundError:
+        raise DicomError("file not found") from None
+    except IsADirectoryError:
+        raise DicomError("is a directory, not a DICOM file") from None
+    except Exception as exc:  # truncated/corrupt headers surface as EOFError, ValueError, struct.error...
+        raise DicomError(f"unreadable DICOM header, truncated or corrupt ({type(exc).__name__})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DicomError("no pixel data: not a DICOM image (e.g. a report, RT plan or directory file)")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # Meta-less files: pydicom knows the encoding it actually parsed, which is the transfer syntax.
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _frame_count(ds: Any) -> int:
+    try:
+        count = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise DicomError("invalid (0028,0008) Number of Frames") from None
+    if count < 1:
+        raise DicomError(f"invalid (0028,0008) Number of Frames ({count})")
+    return count
+
+
+def _decode(ds: Any, frame: int | None) -> np.ndarray:
+    """Decode the pixel data (one frame or all), turning every failure into a DicomError."""
+    from pydicom.pixels import get_decoder, pixel_array
+
+    uid = ds.file_meta.TransferSyntaxUID
+    # A corrupt file meta may hold any text where the UID belongs, so even the UID is scrubbed.
+    syntax = _scrub(f"{uid.name} ({uid})" if uid.name != str(uid) else f"({uid})", ds)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise DicomError(f"transfer syntax {syntax} is not supported") from None
+    if not decoder.is_available:
+        raise DicomError(
+            f"transfer syntax {syntax} needs a decoder that is not installed "
+            "(`pip install pylibjpeg-libjpeg pylibjpeg-openjpeg` or `pip install edge-mri[dicom]`)"
+        )
+    try:
+        return pixel_array(ds, index=frame)
+    except ValueError as exc:
+        raise DicomError(f"pixel data is truncated or corrupt: {_quote(exc, ds)}") from None
+    except Exception as exc:
+        if decoder.is_encapsulated:
+            raise DicomError(f"cannot decode transfer syntax {syntax}: {_quote(exc, ds)}") from None
+        raise DicomError(f"pixel data is unreadable: {_quote(exc, ds)}") from None
+
+
+def _quote(exc: Exception, ds: Any) -> str:
+    """First line of a pydicom message with every identifying text value of the file scrubbed out."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = _scrub(" ".join(lines[:2]) or type(exc).__name__, ds)
+    return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 3] + "..."
+
+
+def _scrub(text: str, ds: Any) -> str:
+    for value in _text_values(ds):
+        text = text.replace(value, "<redacted>")
+    return text
+
+
+def _text_values(ds: Any) -> list[str]:
+    """Every text value in the dataset (nested too), longest first so substrings cannot leak parts."""
+    values: set[str] = set()
+
+    def visit(d: Any) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    visit(item)
+            elif elem.VR in _TEXT_VRS and elem.tag.group not in (0x0002, 0x0028) and elem.value not in (None, ""):
+                items = elem.value if elem.VM > 1 else [elem.value]
+                for item in items:
+                    for text in {str(item), *re.split(r"[\^=]", str(item))}:
+                        if len(text.strip()) >= 3:
+                            values.add(text.strip())
+
+    visit(ds)
+    return sorted(values, key=len, reverse=True)
+
+
+def _display(raw: np.ndarray, ds: Any, index: int, window: tuple[float, float] | None) -> np.ndarray:
+    """Stored values of one frame -> what a viewer shows, as float32 in [0, 255]."""
+    from pydicom.pixels import apply_color_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        values = _modality(raw, ds, index)
+        image = _voi(values, ds, index, window)
+        if photometric == "MONOCHROME1":
+            image = 255.0 - image
+        return image.astype(np.float32)
+    named = photometric if photometric in _PHOTOMETRIC_TERMS else "not a defined term"
+    if window is not None:
+        raise DicomError(f"a window applies to grayscale images only; this one is {named}")
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(raw, ds)
+        except Exception as exc:
+            raise DicomError(f"unreadable palette colour lookup table: {_quote(exc, ds)}") from None
+        depth = 8 if rgb.dtype == np.uint8 else 16
+        return _luma(rgb, depth)
+    if photometric in _COLOUR and raw.ndim == 3 and raw.shape[-1] == 3:
+        # pydicom has already converted YBR to RGB (its default), so only the bit depth is left.
+        return _luma(raw, int(ds.get("BitsStored") or ds.BitsAllocated))
+    raise DicomError(f"unsupported (0028,0004) Photometric Interpretation ({named if photometric else 'missing'})")
+
+
+def _luma(rgb: np.ndarray, bits: int) -> np.ndarray:
+    gray = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(gray * (255.0 / (2**bits - 1)), 0.0, 255.0).astype(np.float32)
+
+
+def _frame_item(ds: Any, index: int, sequence: str) -> Any | None:
+    """An enhanced multi-frame functional group item for this frame (per-frame beats shared), if any."""
+    for groups, position in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq and len(seq) > position and seq[position].get(sequence):
+            return seq[position][sequence][0]
+    return None
+
+
+def _modality(raw: np.ndarray, ds: Any, index: int) -> np.ndarray:
+    """Modality LUT / rescale: stored values -> physical units (Hounsfield units for CT)."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    source = ds
+    item = _frame_item(ds, index, "PixelValueTransformationSequence")
+    if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:
+        source = Dataset()
+        source.RescaleSlope = item.RescaleSlope
+        source.RescaleIntercept = item.RescaleIntercept
+    try:
+        values = apply_modality_lut(raw, source)
+    except Exception as exc:
+        raise DicomError(f"invalid modality LUT or rescale values: {_quote(exc, ds)}") from None
+    return np.asarray(values, dtype=np.float64)
+
+
+def _voi(values: np.ndarray, ds: Any, index: int, window: tuple[float, float] | None) -> np.ndarray:
+    """VOI LUT: the override window, else the file's first window, else its VOI LUT table, else min-max."""
+    if window is not None:
+        return _window(values, float(window[0]), float(window[1]), "LINEAR")
+    item = _frame_item(ds, index, "FrameVOILUTSequence") or ds
+    if item.get("WindowCenter") is not None and item.get("WindowWidth") is not None:
+        try:
+            centre, width = (float(_first(item.WindowCenter)), float(_first(item.WindowWidth)))
+        except (TypeError, ValueError):
+            raise DicomError("invalid (0028,1050) Window Center or (0028,1051) Window Width") from None
+        function = str(item.get("VOILUTFunction") or ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+        return _window(values, centre, width, function)
+    if ds.get("VOILUTSequence"):
+        return _voi_table(values, ds)
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 0:
+        return np.zeros(values.shape, np.float64)
+    return (values - lo) * (255.0 / (hi - lo))
+
+
+def _first(value: Any) -> Any:
+    """The first of a multi-valued element (DICOM allows several alternative windows)."""
+    return value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing onto [0, 255] (LINEAR, LINEAR_EXACT and SIGMOID)."""
+    if function == "LINEAR":
+        if width < 1:
+            raise DicomError(f"window width must be >= 1 for a LINEAR window, got {width:g}")
+        c, w = centre - 0.5, width - 1.0
+        if w == 0:
+            return np.where(x > c, 255.0, 0.0)
+        return np.clip((x - c) / w + 0.5, 0.0, 1.0) * 255.0
+    if width <= 0:
+        raise DicomError(f"window width must be > 0, got {width:g}")
+    if function == "LINEAR_EXACT":
+        return np.clip((x - centre) / width + 0.5, 0.0, 1.0) * 255.0
+    if function == "SIGMOID":
+        return 255.0 / (1.0 + np.exp(np.clip(-4.0 * (x - centre) / width, -700, 700)))
+    raise DicomError("unsupported (0028,1056) VOI LUT Function (not LINEAR, LINEAR_EXACT or SIGMOID)")
+
+
+def _voi_table(values: np.ndarray, ds: Any) -> np.ndarray:
+    """Apply the file's first VOI LUT table, scaled from its output bit depth to [0, 255]."""
+    from pydicom.pixels import apply_voi
+
+    try:
+        out = apply_voi(values.round().astype(np.int64), ds, 0)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    except Exception as exc:
+        raise DicomError(f"invalid VOI LUT table: {_quote(exc, ds)}") from None
+    return np.asarray(out, np.float64) * (255.0 / (2**bits - 1))

@@ -200,24 +200,33 @@ def _decode(ds: Any, frame: int | None) -> np.ndarray:
     except NotImplementedError:
         raise DicomError(f"transfer syntax {syntax} is not supported") from None
     if not decoder.is_available:
-        raise DicomError(
-            f"transfer syntax {syntax} needs a decoder that is not installed "
-            "(`pip install pylibjpeg-libjpeg pylibjpeg-openjpeg` or `pip install edge-mri[dicom]`)"
-        )
+        raise DicomError(f"transfer syntax {syntax} needs a decoder that is not installed ({_install_hint(decoder)})")
     try:
         return pixel_array(ds, index=frame)
     except ValueError as exc:
         raise DicomError(f"pixel data is truncated or corrupt: {_quote(exc, ds)}") from None
     except Exception as exc:
         if decoder.is_encapsulated:
-            raise DicomError(f"cannot decode transfer syntax {syntax}: {_quote(exc, ds)}") from None
+            hint = _install_hint(decoder)
+            raise DicomError(f"cannot decode transfer syntax {syntax}: {_quote(exc, ds)}"
+                             + (f" (another decoder may: {hint})" if decoder.missing_dependencies else "")) from None
         raise DicomError(f"pixel data is unreadable: {_quote(exc, ds)}") from None
+
+
+def _install_hint(decoder: Any) -> str:
+    """What to pip-install for this syntax, from pydicom's own list, preferring pylibjpeg (plain wheels)."""
+    missing = list(decoder.missing_dependencies)
+    chosen = next((m for m in missing if m.startswith("pylibjpeg")), missing[0] if missing else "")
+    return "install " + chosen.partition("requires ")[2] if "requires " in chosen else "no decoder is known"
 
 
 def _quote(exc: Exception, ds: Any) -> str:
     """First line of a pydicom message with every identifying text value of the file scrubbed out."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = _scrub(" ".join(lines[:2]) or type(exc).__name__, ds)
+    text = " ".join(lines[:2]) or type(exc).__name__
+    # pydicom appends guesses after " - " ("... - the dataset may be corrupted, ..."); the fact comes first.
+    head = text.split(" - ", 1)[0]
+    text = _scrub(head if len(head) >= 20 else text, ds)
     return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 3] + "..."
 
 

@@ -5,6 +5,7 @@ our display pipeline with an independent implementation, not with a copy of our 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -264,7 +265,7 @@ def test_jpeg_ls_needs_its_decoder():
     if get_decoder(JPEGLSLossless).is_available:
         np.testing.assert_allclose(read_frames(path)[0][1], read_frames(data("MR_small.dcm"))[0][1], atol=1e-3)
     else:
-        with pytest.raises(DicomError, match=r"JPEG-LS Lossless.*1\.2\.840\.10008\.1\.2\.4\.80.*pip install"):
+        with pytest.raises(DicomError, match=r"JPEG-LS Lossless.*1\.2\.840\.10008\.1\.2\.4\.80.*install pylibjpeg"):
             read_frames(path)
 
 
@@ -383,3 +384,59 @@ def test_missing_pydicom_is_a_clear_dicom_error():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install edge-mri[dicom]" in done.stdout
+
+
+# --- through the real `edge-classify` command (a fresh interpreter, a real int8 model) ---------------------
+
+
+def assert_no_patient_data(paths: list[Path], *texts: str) -> None:
+    text = "\n".join(texts)
+    for path in paths:
+        for secret in patient_strings(path):
+            assert secret not in text, f"patient data {secret!r} of {path.name} leaked"
+
+
+def test_edge_classify_reads_good_dicom_files(run_cli, tiny_model_path, tmp_path):
+    files = [data(name) for name in GOOD]
+    overlays = tmp_path / "overlays"
+    done = run_cli("--json", "--model", tiny_model_path, "--heatmap", overlays, *files)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["source"] for r in records] == [str(f) for f in files]
+    assert all(r["label"] in ("glioma", "meningioma", "notumor", "pituitary") for r in records)
+    assert all("sop_instance_uid" not in r for r in records), "UIDs only with --keep-uids"
+    names = sorted(p.name for p in overlays.iterdir())
+    assert len(names) == len(files)
+    assert_no_patient_data(files, done.stdout, done.stderr, "\n".join(names))
+
+
+def test_edge_classify_reports_a_truncated_dicom_in_one_line(run_cli, tiny_model_path, tmp_path):
+    bad, good = data("MR_truncated.dcm"), data("MR_small.dcm")
+    leaky = [leaky_file(kind, tmp_path) for kind in LEAKY]
+    done = run_cli("--json", "--model", tiny_model_path, bad, *leaky, good)
+    assert done.returncode == 1
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 + len(leaky), done.stderr
+    assert str(bad) in errors[0] and "truncated" in errors[0]
+    assert "Traceback" not in done.stderr
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert record["source"] == str(good), "the rest of the batch is still classified"
+    assert_no_patient_data([bad, good, *leaky], done.stdout, done.stderr)
+
+
+def test_edge_classify_all_frames_with_uids_on_request(run_cli, tiny_model_path, tmp_path):
+    base = pydicom.dcmread(data("MR_small.dcm")).pixel_array
+    path = multiframe(tmp_path / "multi.dcm", [base, base // 2, base.T.copy()])
+    uid = str(pydicom.dcmread(path).SOPInstanceUID)
+    overlays = tmp_path / "overlays"
+    done = run_cli("--json", "--model", tiny_model_path, "--frame", "all", "--keep-uids", "--heatmap", overlays,
+                   "--window", "600,1200", path)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["frame"] for r in records] == ["[frame 0]", "[frame 1]", "[frame 2]"]
+    assert {r["sop_instance_uid"] for r in records} == {uid}
+    assert len(list(overlays.iterdir())) == 3
+    without = run_cli("--json", "--model", tiny_model_path, "--frame", "all", path)
+    assert without.returncode == 0 and uid not in without.stdout
+    assert_no_patient_data([path], done.stdout, done.stderr, without.stdout,
+                           "\n".join(p.name for p in overlays.iterdir()))

@@ -215,22 +215,12 @@ def test_a_missing_folder_is_an_input_error(classifier, tmp_path):
         watch(classifier, tmp_path / "absent", tmp_path / "r.jsonl", once=True)
 
 
-WATCH_SCRIPT = """
-import sys
-from pathlib import Path
-from edge.classifier import Classifier
-from edge.watch import watch
-model, inbox, out, settle, once = sys.argv[1:]
-watch(Classifier(model), Path(inbox), Path(out), poll_interval=0.05, settle_seconds=float(settle), once=once == "1")
-"""
-
-
-def start_watch(model: Path, inbox: Path, out: Path, *, settle: float, once: bool) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", WATCH_SCRIPT, str(model), str(inbox), str(out), str(settle), "1" if once else "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
+def start_watch(model: Path, inbox: Path, out: Path, log: Path, *, once: bool) -> subprocess.Popen:
+    """The real `edge-classify --watch`, as the systemd unit runs it (JSON records go to `log`)."""
+    args = ["--watch", str(inbox), "--out", str(out), "--model", str(model), "--json"] + (["--once"] if once else [])
+    with log.open("w") as stdout:
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=REPO, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 
 def wait_for_lines(out: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
@@ -265,20 +255,26 @@ def test_sigkill_and_restart_neither_repeat_nor_lose_a_result(tiny_model_path, i
     thread.start()
     good.append("slow.jpg")
     out = inbox.parent / "results.jsonl"
+    log = inbox.parent / "stdout.jsonl"
     try:
         killed_at = []
         for target in (5, 15):
-            process = start_watch(tiny_model_path, inbox, out, settle=0.5, once=False)
+            process = start_watch(tiny_model_path, inbox, out, log, once=False)
             wait_for_lines(out, target, process)
             process.send_signal(signal.SIGKILL)
             process.wait(10)
-            killed_at.append(len(results(out)))
+            killed_at.append(out.read_bytes().count(b"\n"))  # complete lines; a torn tail is the restart's job
         assert killed_at[-1] < len(good) + len(bad), "the kills landed before the work was done"
         thread.join()
         assert done_writing.is_set()
-        process = start_watch(tiny_model_path, inbox, out, settle=0.5, once=True)
+        process = start_watch(tiny_model_path, inbox, out, log, once=True)
         _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, stderr
     finally:
         thread.join()
-    check_exactly_once(results(out), good, bad)
+    records = results(out)
+    check_exactly_once(records, good, bad)
+    last_run = [json.loads(line) for line in log.read_text().splitlines()]
+    assert last_run == records[killed_at[-1]:], "the restarted run reports exactly the lines it added"
+    failed = any(r["status"] == "error" for r in last_run)
+    assert process.returncode == (1 if failed else 0), stderr
+    assert "Traceback" not in stderr

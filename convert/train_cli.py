@@ -9,12 +9,12 @@ import click
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--arch", type=click.Choice(["custom-cnn", "xception"]), default="custom-cnn", show_default=True,
-              help="custom-cnn: ~1.26M-parameter depthwise-separable CNN, grayscale. xception: ImageNet "
+              help="custom-cnn: ~1.2M-parameter residual CNN, grayscale. xception: ImageNet "
                    "Xception, two-phase fine-tuning.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the trained model (.keras). Logs, checkpoints and learning curves go to "
                    "OUT_run/ beside it.")
-@click.option("--input-size", type=int, default=None, help="Square input size [default: 128 custom-cnn, 160 xception].")
+@click.option("--input-size", type=int, default=None, help="Square input size [default: 96 custom-cnn, 160 xception].")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Epochs (phase 1 for xception).")
 @click.option("--fine-tune-epochs", type=int, default=4, show_default=True,
               help="xception only: epochs with the exit flow unfrozen at lr/20.")
@@ -59,7 +59,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise click.BadParameter(f"{w}: no such weights file", param_hint="--weights")
     cfg = train.TrainConfig(
-        arch=arch, data=data, out=out, input_size=input_size or (128 if arch == "custom-cnn" else 160),
+        arch=arch, data=data, out=out, input_size=input_size or (96 if arch == "custom-cnn" else 160),
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience, seed=seed,
         weights=w, fine_tune_epochs=fine_tune_epochs, feature_copies=feature_copies, limit=limit,
         cache_dir=cache_dir,

@@ -1,0 +1,141 @@
+"""Classification metrics in plain numpy, so evaluation needs nothing beyond what training already installs.
+
+Labels are integer class indices 0..K-1; ``probs`` is [N, K] (rows sum to 1). Conventions, chosen to match
+what readers of scikit-learn reports expect:
+
+- precision of a class never predicted, recall of a class absent from the truth: 0.0;
+- macro averages run over the classes present in the truth or the predictions (a class missing from a
+  de-duplicated subset does not drag the average down with an undefined 0);
+- values that have no meaning for the data (AUC with a single class present, kappa when chance agreement
+  is total) are None, which JSON writes as null.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+ECE_BINS = 15
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """Counts [K, K] with true classes as rows and predicted classes as columns."""
+    t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}")
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of correct predictions (0.0 for no samples)."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean(t == p)) if t.size else 0.0
+
+
+def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall (sensitivity), specificity, F1 and support from a confusion matrix."""
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    predicted, actual, total = cm.sum(axis=0), cm.sum(axis=1), cm.sum()
+    fp, fn = predicted - tp, actual - tp
+    tn = total - tp - fp - fn
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    specificity = np.divide(tn, tn + fp, out=np.zeros_like(tp), where=(tn + fp) > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "specificity": specificity, "f1": f1,
+            "support": actual.astype(np.int64)}
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Unweighted mean F1 over the classes that occur in the truth or the predictions."""
+    cm = np.asarray(cm)
+    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    return float(per_class(cm)["f1"][present].mean()) if present.any() else 0.0
+
+
+def cohen_kappa(cm: np.ndarray) -> float | None:
+    """Agreement beyond chance: (p_o - p_e) / (1 - p_e); None when p_e is 1 (one class in both)."""
+    cm = np.asarray(cm, np.float64)
+    n = cm.sum()
+    if n == 0:
+        return None
+    p_o = np.trace(cm) / n
+    p_e = float(cm.sum(axis=0) @ cm.sum(axis=1)) / (n * n)
+    if np.isclose(p_e, 1.0):
+        return None
+    return float((p_o - p_e) / (1.0 - p_e))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with tied values sharing the mean of their ranks."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.concatenate(([True], sorted_x[1:] != sorted_x[:-1]))
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.concatenate((first[1:], [x.size])) - 1
+    mean_rank = (first + last) / 2.0 + 1.0
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def binary_auc(positive: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """ROC AUC by the Mann-Whitney statistic (ties count one half); None without both positives and negatives."""
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = average_ranks(np.asarray(scores, np.float64))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def macro_auc(y_true: Sequence[int], probs: np.ndarray) -> float | None:
+    """Mean one-vs-rest ROC AUC over the classes for which it is defined (None if for none)."""
+    t, probs = np.asarray(y_true), np.asarray(probs, np.float64)
+    aucs = [binary_auc(t == k, probs[:, k]) for k in range(probs.shape[1])]
+    defined = [a for a in aucs if a is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width bins of the top probability, weighted by bin size.
+
+    Bins are (i/bins, (i+1)/bins], the first one closed at 0, as in Guo et al. (2017).
+    """
+    t, probs = np.asarray(y_true), np.asarray(probs, np.float64)
+    if t.size == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == t).astype(np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    # Per bin, |sum(correct) - sum(confidence)| = n_bin * |accuracy - confidence|.
+    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))
+    return float(gap.sum() / t.size)
+
+
+def summary(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Every metric above for one set of predictions, JSON-ready (predicted class = arg-max)."""
+    t, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape != (t.size, len(labels)):
+        raise ValueError(f"probabilities of shape {probs.shape} do not match {t.size} samples x {len(labels)} labels")
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(t, pred, len(labels))
+    pc = per_class(cm)
+    return {
+        "n": int(t.size),
+        "accuracy": accuracy(t, pred),
+        "macro_f1": macro_f1(cm),
+        "kappa": cohen_kappa(cm),
+        "macro_auc": macro_auc(t, probs),
+        "ece": expected_calibration_error(t, probs),
+        "per_class": {name: {key: (int(v[k]) if key == "support" else float(v[k])) for key, v in pc.items()}
+                      for k, name in enumerate(labels)},
+        "labels": list(labels),
+        "confusion": cm.tolist(),
+    }

@@ -207,3 +207,25 @@ def test_learning_curves_png(tmp_path: Path):
     assert learning_curves({"loss": [1.0, 0.5]}, tmp_path / "loss.png", "loss only").is_file()
     with pytest.raises(ValueError, match="history has none of loss, accuracy"):
         learning_curves({"lr": [0.1]}, tmp_path / "none.png", "nothing")
+
+
+def test_converted_tflite_agrees_with_its_keras_model(keras_model: Path, data_dir: Path, tmp_path: Path):
+    """The same model evaluated as Keras (float) and, after the real converter, as int8 TFLite on the device path."""
+    converter = pytest.importorskip("convert.converter")
+    tflite = converter.convert_model(keras_model, calibration_dir=data_dir, out=tmp_path / "t.tflite",
+                                     num_calibration=16).out
+    k = evaluate(keras_model, data_dir)
+    t = evaluate(tflite, data_dir, threads=1)
+    assert t["model"]["format"] == "tflite" and t["model"]["labels"] == k["model"]["labels"] == LABELS
+    assert t["images"] == k["images"]
+    kp = {p["path"]: np.array(p["probabilities"]) for p in k["predictions"]}
+    tp = {p["path"]: np.array(p["probabilities"]) for p in t["predictions"]}
+    assert kp.keys() == tp.keys()
+    clear = 0
+    for path, probs in kp.items():
+        assert np.abs(probs - tp[path]).max() < 0.01, path  # measured: 0.002
+        top2 = np.sort(probs)[-2:]
+        if top2[1] - top2[0] > 0.02:  # a Keras winner by more than twice the tolerance must survive int8
+            clear += 1
+            assert tp[path].argmax() == probs.argmax(), path
+    assert clear >= len(kp) // 2

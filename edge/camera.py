@@ -171,9 +171,10 @@ def run_camera(
 
     Stops after `count` frames (None: until the source runs out or Ctrl-C) and returns how many frames were
     processed. Each dict is the result's `to_dict()` with `source` set to 'camera:frame-0001' (numbered
-    from 1), a UTC `timestamp` of the capture and, with `heatmap_dir`, the `overlay` PNG written there;
-    a frame the classifier rejects is emitted with `status: 'error'` and the loop goes on. The source
-    (opened with `open_source('auto')` when None) is closed on the way out.
+    from 1), a UTC `timestamp` of the capture and, with `heatmap_dir`, `heatmap`: the overlay PNG written
+    there (the key `edge-classify` uses for file overlays). A frame the classifier rejects is emitted with
+    `status: 'error'` and the loop goes on. The source (opened with `open_source('auto')` when None) is
+    closed on the way out.
     """
     from .overlay import save_overlay
 
@@ -215,7 +216,7 @@ def run_camera(
             record = result.to_dict()
             record.update(source=f"camera:{name}", timestamp=stamp, status="ok")
             if heatmap_dir is not None:
-                record["overlay"] = str(save_overlay(result, heatmap_dir / f"camera-{session}-{name}.png"))
+                record["heatmap"] = str(save_overlay(result, heatmap_dir / f"camera-{session}-{name}.png"))
             emit(record)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a live session ends; what was emitted stands

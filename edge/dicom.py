@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ _PHOTOMETRIC_TERMS = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "HSV", "ARG
 _TEXT_VRS = {"PN", "LO", "SH", "DA", "DT", "TM", "AS", "ST", "LT", "UT", "UC", "AE"}
 #: Quoted pydicom messages are cut to this length: one readable line, not a dump.
 _MAX_QUOTE = 160
+_QUIET_LOCK = threading.RLock()
 
 
 def is_dicom(path: Path) -> bool:
@@ -121,16 +123,21 @@ def _pydicom() -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence pydicom's warnings and log records: they quote raw element values (patient data)."""
+    """Silence pydicom's warnings and log records: they quote raw element values (patient data).
+
+    `warnings.catch_warnings` swaps process-wide state, so two threads overlapping here could restore
+    each other's filters and let a warning through mid-read; the lock serialises DICOM reads instead.
+    """
     log = logging.getLogger("pydicom")
     drop = _DropAll()
-    log.addFilter(drop)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.removeFilter(drop)
+    with _QUIET_LOCK:
+        log.addFilter(drop)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            log.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import apply_voi, apply_windowing  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEGLSLossless  # noqa: E402
+from pydicom.uid import MPEG2MPML, JPEGLSLossless  # noqa: E402
 
 from edge.dicom import is_dicom, read_frames, sop_instance_uid  # noqa: E402
 from edge.errors import DicomError, InputError  # noqa: E402
@@ -440,3 +440,30 @@ def test_edge_classify_all_frames_with_uids_on_request(run_cli, tiny_model_path,
     assert without.returncode == 0 and uid not in without.stdout
     assert_no_patient_data([path], done.stdout, done.stderr, without.stdout,
                            "\n".join(p.name for p in overlays.iterdir()))
+
+
+def test_concurrent_reads_stay_silent(tmp_path, capfd):
+    """Reads from several threads (one classifier per thread) must not let each other's warnings out."""
+    import threading
+
+    path = leaky_file("frames", tmp_path)
+    capfd.readouterr()
+    errors = []
+
+    def work():
+        for _ in range(20):
+            try:
+                read_frames(path)
+            except DicomError as exc:
+                errors.append(str(exc))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    out, err = capfd.readouterr()
+    assert len(errors) == 80
+    assert not caught and "XQ-77" not in out + err

@@ -244,7 +244,9 @@ def _scrub(text: str, ds: Any) -> str:
 
 
 def _text_values(ds: Any) -> list[str]:
-    """Every text value in the dataset (nested too), longest first so substrings cannot leak parts."""
+    """Every text value in the dataset (nested too, and each name component), longest first so that a
+    substring cannot leave part of a longer value behind. Values under 3 characters are left out: they
+    would blank out ordinary numbers in a message and identify no one on their own."""
     values: set[str] = set()
 
     def visit(d: Any) -> None:

@@ -36,6 +36,10 @@ PATH may be image files (JPEG, PNG, BMP, TIFF, DICOM), directories (searched rec
 our own *{OVERLAY_SUFFIX} overlays are skipped) or glob patterns ('scans/**/*.png'). Each scan prints one
 line: path, label, confidence and time. Errors print one line each on stderr, and the batch goes on.
 
+With --json each scan is one object: source, frame (multi-frame DICOM only), label, confidence, top_k,
+probabilities, timings_ms, model, backend, has_heatmap, overlay (with --heatmap) and sop_instance_uid
+(with --keep-uids).
+
 \b
 Examples:
   edge-classify scan.png
@@ -414,7 +418,7 @@ def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNam
                 save_overlay(result, target)
             except OSError as exc:
                 raise InputError(f"cannot write the overlay {target} ({exc.strerror or exc})") from None
-            record["heatmap"] = str(target)
+            record["overlay"] = str(target)
         if keep_uids:
             record["sop_instance_uid"] = uid
         records.append(record)

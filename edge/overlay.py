@@ -7,6 +7,7 @@ heat, so cold areas show the untouched scan and only the regions the model used 
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,9 @@ INFERNO = np.stack(
 
 #: Strongest opacity of the heatmap (reached where the heat is 1).
 ALPHA = 0.6
+#: zlib level of overlay PNGs: level 1 encodes ~2.5x faster than Pillow's 6 for ~15% larger files, and a
+#: device writing one overlay per scan is short of CPU, not of storage.
+PNG_LEVEL = 1
 #: Overlays of small scans are enlarged (nearest neighbour) to at least this width, so the caption fits.
 MIN_WIDTH = 256
 
@@ -62,6 +66,7 @@ def blend(image: np.ndarray, heat: np.ndarray | None, alpha: float = ALPHA) -> n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -98,5 +103,5 @@ def save_overlay(result: Result, path: str | Path) -> Path:
         raise ValueError("the result carries no decoded image to draw on")
     path = Path(path)
     caption = caption_for(result.label, result.confidence, result.model, result.heatmap is not None)
-    render(result.image, result.heatmap_on_image(), caption).save(path, format="PNG")
+    render(result.image, result.heatmap_on_image(), caption).save(path, format="PNG", compress_level=PNG_LEVEL)
     return path

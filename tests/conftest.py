@@ -22,8 +22,11 @@ TINY_SIZE = 32
 
 
 def build_tiny_model(path: Path, *, channels: int = 1, heatmap: bool = True, pipeline: str = "mri-crop-v1",
-                     name: str = "tiny-test", seed: int = 7) -> Path:
+                     name: str = "tiny-test", seed: int = 7, input_type: str = "uint8") -> Path:
     """Write a random tiny CNN as an int8 .tflite with our metadata; the heatmap is an analytic Grad-CAM.
+
+    ``input_type`` is the interpreter-facing input: ``uint8`` (the contract; scale 1, zero point 0 for
+    0..255 calibration data), ``int8`` (zero point -128, so the runtime must quantize) or ``float32``.
 
     For conv features F followed by global average pooling and a dense layer W, the Grad-CAM weights of
     class c are W[:, c] / (h*w), so the map is relu(F . W[:, c]) normalised to [0, 1] -- computed in the
@@ -74,7 +77,8 @@ def build_tiny_model(path: Path, *, channels: int = 1, heatmap: bool = True, pip
             [rng.integers(0, 256, (1, size, size, channels)).astype(np.float32)] for _ in range(16)
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
+        if input_type != "float32":
+            converter.inference_input_type = {"uint8": tf.uint8, "int8": tf.int8}[input_type]
         tflite = converter.convert()
     outputs = {"probabilities": {"name": "probabilities", "shape": [1, len(LABELS)]}}
     if heatmap:
@@ -99,9 +103,52 @@ def build_tiny_model(path: Path, *, channels: int = 1, heatmap: bool = True, pip
 
 
 @pytest.fixture(scope="session")
+def build_model():
+    """The tiny-model builder itself, for tests that need a variant (input type, channels, no heatmap)."""
+    return build_tiny_model
+
+
+def convert_tiny_model(path: Path, workdir: Path, seed: int = 7) -> Path:
+    """The same kind of tiny random CNN, converted by the real `edge-convert` pipeline (Grad-CAM head,
+    int8 calibration on synthetic heads, embedded metadata)."""
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    from convert.converter import convert_model
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((TINY_SIZE, TINY_SIZE, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(len(LABELS), activation="softmax")(x))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    for label in LABELS:
+        (workdir / label).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            disc = (yy - 32) ** 2 + (xx - 30 - i) ** 2 < (18 + 2 * i) ** 2
+            Image.fromarray((disc * rng.integers(40, 256, (64, 64))).astype(np.uint8)).save(workdir / label / f"{i}.png")
+    convert_model(model, calibration_dir=workdir, out=path, labels=list(LABELS), preprocess="tf",
+                  pipeline="mri-crop-v1", name="tiny-test", num_calibration=16)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real int8 TFLite model: 32x32x1 grayscale, mri-crop-v1, outputs probabilities + heatmap."""
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny.tflite")
+    """A real int8 TFLite model: 32x32x1 grayscale, mri-crop-v1, outputs probabilities + heatmap.
+
+    Converted by `convert.converter.convert_model` where the converter is installed (the file a user
+    would get); otherwise built by :func:`build_tiny_model`, which follows the same model-file contract.
+    """
+    path = tmp_path_factory.mktemp("models") / "tiny.tflite"
+    try:
+        import convert.converter  # noqa: F401
+    except ImportError:
+        return build_tiny_model(path)
+    return convert_tiny_model(path, tmp_path_factory.mktemp("calibration"))
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_json_lines_schema(cli, tiny_model_path: Path, scans: Path):
         assert set(record["timings_ms"]) == {"decode", "preprocess", "invoke", "postprocess", "total"}
         assert record["model"]["name"] == "tiny-test" and len(record["model"]["sha256"]) == 64
         assert record["backend"]["name"] == "litert"
-        assert "heatmap" not in record and "sop_instance_uid" not in record
+        assert "overlay" not in record and "sop_instance_uid" not in record
 
 
 def test_top_k_text_shows_runners_up(cli, tiny_model_path: Path, scan_png: Path):
@@ -93,7 +93,7 @@ def test_heatmap_overlays_are_written_without_collisions(cli, tiny_model_path: P
     written = sorted(p.name for p in out.iterdir())
     assert written == ["other.jpg.heatmap.png", "scan.png-2.heatmap.png", "scan.png.heatmap.png"]
     for record in map(json.loads, result.stdout.splitlines()):
-        overlay = Image.open(record["heatmap"])
+        overlay = Image.open(record["overlay"])
         assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.height > overlay.width
     # A second run rewrites the same files instead of piling up new names.
     assert cli("--model", tiny_model_path, "--heatmap", out, scans).exit_code == 0

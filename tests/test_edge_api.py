@@ -213,6 +213,24 @@ def test_model_without_heatmap_rgb_input_and_resize_pipeline(tiny_rgb_plain_mode
     assert Image.open(out).size[0] >= 64
 
 
+@pytest.fixture(scope="module")
+def uint8_reference(build_model, tmp_path_factory) -> Classifier:
+    return Classifier(build_model(tmp_path_factory.mktemp("uint8") / "m.tflite", input_type="uint8"))
+
+
+@pytest.mark.parametrize("input_type", ["int8", "float32"])
+def test_input_quantization_follows_the_input_tensor(input_type: str, build_model, tmp_path_factory,
+                                                      uint8_reference: Classifier, scan_png: Path):
+    """The same network with an int8 (zero point -128) or float32 input must see the same pixels."""
+    path = build_model(tmp_path_factory.mktemp(input_type) / "m.tflite", input_type=input_type)
+    other = Classifier(path)
+    assert other._input["dtype"] == (np.int8 if input_type == "int8" else np.float32)
+    a, b = uint8_reference.classify(scan_png), other.classify(scan_png)
+    assert a.label == b.label
+    assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in LABELS) <= 2 / 256
+    assert np.abs(a.heatmap - b.heatmap).mean() < 0.02
+
+
 def test_tensorflow_lite_backend_agrees_with_litert(tiny_model_path: Path, scan_png: Path, clf: Classifier):
     """The last-resort backend gives the same verdict (TensorFlow is already loaded here by the fixture)."""
     pytest.importorskip("tensorflow")

@@ -22,6 +22,7 @@ from benchmarks import report
 from benchmarks.cli import main
 from benchmarks.soak import analyse, parse_duration
 from benchmarks.stats import STAGES, SUMMARY_KEYS, stage_report, summarise
+from edge.model_file import read_spec
 
 FAST = ["--threads", "1", "--warmup", "2", "--cold-starts", "0"]
 
@@ -50,6 +51,10 @@ def large_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(4):
         _scan(d / f"scan_{i}.jpg", 1400, i)
     return d
+
+
+def _name(model: Path) -> str:
+    return read_spec(model.read_bytes()).name
 
 
 def _run(*args: str) -> tuple[int, str, str]:
@@ -82,7 +87,7 @@ def test_run_json_schema(base_run: dict, tiny_model_path: Path) -> None:
         assert key in fp
     assert isinstance(fp["cores"], int) and set(fp["thermal"]) == {"start", "end"}
     model, ref = s["results"]
-    assert (model["role"], model["label"], model["kind"]) == ("model", "tiny-test", "tflite")
+    assert (model["role"], model["label"], model["kind"]) == ("model", _name(tiny_model_path), "tflite")
     assert (ref["role"], ref["label"]) == ("reference", "nohead")
     assert model["model"]["size_bytes"] == tiny_model_path.stat().st_size
     assert len(model["model"]["sha256"]) == 64
@@ -111,11 +116,12 @@ def test_run_json_schema(base_run: dict, tiny_model_path: Path) -> None:
     assert ref["soak"] is None
 
 
-def test_run_reports(base_run: dict) -> None:
+def test_run_reports(base_run: dict, tiny_model_path: Path) -> None:
     md = (base_run["dir"] / "run.md").read_text()
+    name = _name(tiny_model_path)
     assert md in base_run["stdout"]
-    assert "| tiny-test | model | 1 |" in md and "PASS" in md and "## Soak" in md
-    assert "nohead" in md and "p50 end-to-end, 1 thread(s): tiny-test" in md
+    assert f"| {name} | model | 1 |" in md and "PASS" in md and "## Soak" in md
+    assert "nohead" in md and f"p50 end-to-end, 1 thread(s): {name}" in md
     with Image.open(base_run["dir"] / "run.png") as png:
         assert png.size[0] > 300
 
@@ -124,7 +130,7 @@ def test_budget_miss_fails_with_exit_1(tiny_model_path: Path, small_scans: Path,
     code, _, stderr = _run("--model", tiny_model_path, "--images", small_scans, "--runs", "4", "--rounds", "2",
                            "--budget-ms", "0.001", "--json", tmp_path / "r.json", *FAST)
     assert code == 1
-    assert "FAIL" in stderr and "tiny-test x1" in stderr
+    assert "FAIL" in stderr and f"{_name(tiny_model_path)} x1" in stderr
     session = json.loads((tmp_path / "r.json").read_text())
     assert [r["verdict"] for r in session["results"]] == ["FAIL"]
 

@@ -25,19 +25,20 @@ def _threads(text: str | None) -> list[int]:
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give thread counts like 1,2,4") from None
+        raise click.BadParameter(f"{text!r}: give thread counts like 1,2,4", param_hint="--threads") from None
     if not values or any(v < 1 for v in values):
-        raise click.BadParameter(f"{text!r}: thread counts must be positive integers")
+        raise click.BadParameter(f"{text!r}: thread counts must be positive integers", param_hint="--threads")
     return sorted(set(values))
 
 
 def _reference(text: str) -> tuple[str, Path]:
     label, sep, path = text.partition("=")
     if not sep or not label.strip() or not path.strip():
-        raise click.BadParameter(f"{text!r}: expected LABEL=PATH.tflite, e.g. fp32=model_fp32.tflite")
+        raise click.BadParameter(f"{text!r}: expected LABEL=PATH.tflite, e.g. fp32=model_fp32.tflite",
+                                 param_hint="--reference")
     p = Path(path.strip())
     if not p.is_file():
-        raise click.BadParameter(f"{p}: no such model file")
+        raise click.BadParameter(f"{p}: no such model file", param_hint="--reference")
     return label.strip(), p
 
 
@@ -48,7 +49,7 @@ def _resolve(model: str | None) -> Path:
     try:
         return resolve(model)
     except ModelError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="--model") from None
 
 
 def _tensorflow_available() -> bool:
@@ -128,7 +129,7 @@ def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_star
         soak_s = parse_duration(duration) if duration else None
         sample_s = parse_duration(sample_every)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="--duration/--sample-every") from None
     model_paths = list(dict.fromkeys(_resolve(m) for m in (models or (None,))))
     if keras_path is not None:
         if not keras_path.is_file():

@@ -65,7 +65,7 @@ def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float,
         if isinstance(source, np.ndarray):
             return [("", _check_array(_from_array(source)))]
         if isinstance(source, Image.Image):
-            return [("", _check_array(_from_pil(source)))]
+            return [("", _check_array(_from_pil(_load(source, max_pixels))))]
         if isinstance(source, (bytes, bytearray, memoryview)):
             return _decode_bytes(bytes(source), frame, window, max_pixels)
         if isinstance(source, (str, os.PathLike)):
@@ -129,6 +129,11 @@ def _open(fh: BinaryIO, max_pixels: int) -> Image.Image:
             raise InputError(f"refused as a possible decompression bomb ({exc})") from None
         except UnidentifiedImageError:
             raise InputError("not a recognised image (expected JPEG, PNG, BMP, TIFF or DICOM)") from None
+    return _load(img, max_pixels)
+
+
+def _load(img: Image.Image, max_pixels: int) -> Image.Image:
+    """Check the size from the header, decode the pixels, and apply the EXIF orientation."""
     width, height = img.size
     if width * height > max_pixels:
         raise InputError(f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, over the "

@@ -207,6 +207,13 @@ def test_api_errors_are_input_errors(tiny_model_path: Path, source, message: str
     assert str(info.value).startswith(message)
 
 
+def test_a_lazily_opened_truncated_pil_image_is_an_input_error(scan_png: Path, tmp_path: Path):
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(scan_png.read_bytes()[:200])
+    with pytest.raises(InputError, match=r"^<PIL image>: (truncated or )?corrupt image data"):
+        decode(Image.open(cut))
+
+
 def test_pixel_limit_is_adjustable_and_checked_before_decoding(tmp_path: Path):
     path = blank_png(tmp_path / "wide.png", 4000, 100)
     assert decode(path).shape == (100, 4000)

@@ -346,6 +346,7 @@ def test_exif_orientation_is_applied(clf: Classifier, tmp_path: Path):
     assert image.shape == (64, 40)
     assert np.abs(image.astype(int) - np.rot90(stored, -1).astype(int)).mean() < 4
     assert clf.classify(path).heatmap_on_image().shape == (64, 40)
+    assert np.array_equal(decode(Image.open(path)), image), "a PIL image is turned upright too"
 
 
 # --- overlay -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ CONVERT = [
     "matplotlib>=3.7",
     "imagehash>=4.3",
 ]
-DICOM = ["pydicom>=2.4", "pylibjpeg>=2.0"]
+DICOM = ["pydicom>=3.0", "pylibjpeg>=2.0"]
 
 setup(
     name="edge-mri",

@@ -41,7 +41,8 @@ def list_images(root: Path, labels: list[str] | None = None) -> tuple[list[Path]
     files, ys = [], []
     for i, name in enumerate(labels):
         for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not hidden:
                 files.append(p)
                 ys.append(i)
     if not files:

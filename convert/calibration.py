@@ -45,11 +45,11 @@ class ImageSet:
 def list_images(directory: str | Path) -> dict[str, list[Path]]:
     """Image files of ``directory`` grouped by class subfolder (recursively), sorted; loose files go to "".
 
-    Raises ValueError when the folder is missing or holds no image files at all.
+    Raises FileNotFoundError when the folder is missing or holds no image files at all.
     """
     root = Path(directory)
     if not root.is_dir():
-        raise ValueError(f"{root}: calibration folder not found")
+        raise FileNotFoundError(f"{root}: image folder not found")
     groups: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -59,7 +59,7 @@ def list_images(directory: str | Path) -> dict[str, list[Path]]:
             continue
         groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else UNLABELLED, []).append(path)
     if not groups:
-        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return dict(sorted(groups.items()))
 
 
@@ -127,12 +127,12 @@ def load_images(directory: str | Path, *, size: int, channels: int, pipeline: st
 
 def load_calibration(directory: str | Path, *, size: int, channels: int, pipeline: str, count: int = 200,
                      seed: int = 0, progress: Callable[[int], None] | None = None) -> ImageSet:
-    """The calibration set: like :func:`load_images`, but an empty result is an error."""
+    """The calibration set: like :func:`load_images`, but an empty result is an error (OSError)."""
     if count < 1:
         raise ValueError(f"--num-calibration must be at least 1, got {count}")
     found = load_images(directory, size=size, channels=channels, pipeline=pipeline, count=count, seed=seed,
                         progress=progress)
     if not found.paths:
-        raise ValueError(f"{directory}: none of the {len(found.skipped)} image files could be read "
+        raise OSError(f"{directory}: none of the {len(found.skipped)} image files could be read "
                          f"(first: {found.skipped[0][0].name}: {found.skipped[0][1]})")
     return found

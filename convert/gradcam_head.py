@@ -3,20 +3,22 @@
 A TFLite model cannot run ``tf.GradientTape``, and the ops a tape would emit are not all TFLite builtins.
 But the layers after a classifier's last feature map (pooling, dense, batch-norm, activations, dropout) are
 simple enough that their gradient has a closed form, which is plain forward ops (matmul with W^T, masks,
-reshape, broadcast) that quantize to int8 like the rest of the network. So the converter:
+reshape, broadcast) that quantize to int8 like the rest of the network. So the graph built here:
 
 1. splits the model at the target layer: the *feature part* is Keras sub-models up to the target (any
    DAG, nested base models included); the *head* is the linear chain of layers after it;
 2. replays the head forward on the feature map A, keeping the intermediates the backward pass needs;
 3. back-propagates the one-hot of the predicted class's logit (the pre-softmax score, as in the Grad-CAM
    paper) through the head to dY/dA, averages it spatially into channel weights alpha_k, and forms
-   ReLU(sum_k alpha_k A_k), upsampled bilinearly to the input size and divided by its maximum.
+   ReLU(sum_k alpha_k A_k), upsampled bilinearly to the input size and divided by its maximum. This last
+   combination is tagged (:data:`FLOAT_SCOPE`) so the converter can keep it in float.
 
 :func:`build_module` wraps that in a ``tf.Module`` whose ``serve`` function takes raw uint8 pixels (the
 normalisation is folded in) and returns the signature outputs the model-file contract names.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,9 +31,11 @@ from convert import normalisation
 PROBABILITIES = "probabilities"
 HEATMAP = "heatmap"
 INPUT_NAME = "image"
-#: Name scope of the heatmap's division by its maximum. The converter keeps these few ops in float: a
-#: per-image peak has no good fixed int8 scale, and int8 DIV aborts on a divisor that rounds to zero.
-NORMALISE_SCOPE = "heatmap_normalise"
+#: Name scope of the Grad-CAM combination (weighted channel sum, ReLU, upsampling, division by the peak).
+#: The converter keeps these ops in float: they cost about h*w*k + S*S operations, while in int8 a
+#: per-image peak has no good fixed scale, 8-bit levels leave plateaus in the upsampled map, and DIV
+#: aborts on a divisor that rounds to zero. Everything before them (backbone, head, gradient) is int8.
+FLOAT_SCOPE = "gradcam_combine"
 
 #: Layers that are the identity at inference time, so their gradient is the identity too.
 IDENTITY_LAYERS = (
@@ -296,15 +300,17 @@ def _dense(x: tf.Tensor, layer: Any, activation: str,
 
 
 def _relu_layer(x: tf.Tensor, layer: Any) -> tuple[tf.Tensor, Backward]:
+    """keras.layers.ReLU: slope below the threshold, 1 up to max_value, 0 above it."""
     y = layer(x)
-    upper = layer.max_value
-    slope = float(layer.negative_slope or 0.0)
     threshold = float(layer.threshold or 0.0)
-    above = x > threshold
-    if upper is not None:
-        above = tf.logical_and(above, x < float(upper))
+    slope = float(layer.negative_slope or 0.0)
+    active = x > threshold
+    if layer.max_value is not None:
+        active = tf.logical_and(active, x < float(layer.max_value))
+    if slope == 0.0:
+        return y, lambda g: tf.where(active, g, tf.zeros_like(g))
     below = x <= threshold
-    return y, lambda g: tf.where(above, g, tf.where(below, g * slope, tf.zeros_like(g)))
+    return y, lambda g: tf.where(active, g, tf.where(below, g * slope, tf.zeros_like(g)))
 
 
 def _batchnorm(x: tf.Tensor, layer: Any) -> tuple[tf.Tensor, Backward]:
@@ -367,8 +373,9 @@ def head_forward(split: Split, features: tf.Tensor) -> tuple[tf.Tensor, list[Bac
     backs = []
     last = len(split.logit_layers) - 1
     pooled_at = _flatten_dense_index(split.logit_layers)
+    shape = tuple(int(d) for d in features.shape[1:])
     for i, layer in enumerate(split.logit_layers):
-        pooled = split.feature_shape if i == pooled_at else None
+        pooled = shape if i == pooled_at else None
         x, back = _step(x, layer, logits_only=split.softmax_in_last and i == last, pooled=pooled)
         if pooled_at is None or i >= pooled_at:
             backs.append(back)
@@ -382,20 +389,21 @@ def class_activation_map(features: tf.Tensor, grads: tf.Tensor, size: int) -> tf
     alpha_k = spatial mean of the gradient, ReLU of the weighted channel sum, bilinear upsampling (half-pixel
     centres), division by the maximum (an all-zero map stays zero).
 
-    The channel sum is a matrix product, not a multiply-then-sum: in int8 a matmul accumulates in int32
-    and rounds once, where MUL would round every product to 8 bits before a 1000-term sum.
+    The channel sum is a matrix product, not a multiply-then-sum, so that whatever precision it runs in
+    it accumulates once rather than rounding every product.
     """
     h, w, k = (int(d) for d in features.shape[1:])
-    if grads.shape[1] == 1 and grads.shape[2] == 1:
-        alpha = grads
-    else:
-        alpha = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
-    cam = tf.matmul(tf.reshape(features, [-1, h * w, k]), tf.reshape(alpha, [-1, k, 1]))
-    cam = tf.reshape(tf.nn.relu(cam), [-1, h, w, 1])
-    cam = tf.image.resize(cam, [size, size], method="bilinear")
-    cam = tf.reshape(cam, [-1, size, size])
-    with tf.name_scope(NORMALISE_SCOPE):
+    with tf.name_scope(FLOAT_SCOPE):
+        if grads.shape[1] == 1 and grads.shape[2] == 1:
+            alpha = grads
+        else:
+            alpha = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+        cam = tf.matmul(tf.reshape(features, [-1, h * w, k]), tf.reshape(alpha, [-1, k, 1]))
+        cam = tf.reshape(tf.nn.relu(cam), [-1, h, w, 1])
+        cam = tf.image.resize(cam, [size, size], method="bilinear")
+        cam = tf.reshape(cam, [-1, size, size])
         peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+        # Not max(peak, eps): selecting 1 where the peak is zero keeps an all-zero map at zero exactly.
         return cam / tf.where(peak > 0, peak, tf.ones_like(peak))
 
 
@@ -403,7 +411,12 @@ def gradcam_graph(split: Split, features: tf.Tensor, size: int) -> tuple[tf.Tens
     """(probabilities, heatmap) for a batch of one, with the closed-form backward pass."""
     logits, backs = head_forward(split, features)
     num_classes = int(logits.shape[-1])
-    onehot = tf.one_hot(tf.argmax(logits, axis=-1), num_classes, dtype=tf.float32)
+    # Not tf.one_hot, nor a comparison with tf.range: the int8 ONE_HOT kernel copies quantized on/off
+    # values without rescaling them, and the converter rewrites the comparison into an int8
+    # EMBEDDING_LOOKUP that LiteRT cannot run. Gathering a row of the identity matrix quantizes cleanly,
+    # and arg-max breaks ties the way the device does.
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    onehot = tf.gather(tf.eye(num_classes, dtype=tf.float32), predicted)
     g = onehot
     for back in reversed(backs):
         g = back(g)
@@ -418,6 +431,9 @@ def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: i
     ``probabilities`` is returned: the baseline that measures what the Grad-CAM head costs.
     """
     split = split_model(model, target_layer) if gradcam else None
+    if split is not None and -1 in split.feature_shape:  # a model that accepts any input size
+        probe = split.features(tf.zeros([1, input_size, input_size, channels], tf.float32))
+        split = dataclasses.replace(split, feature_shape=tuple(int(d) for d in probe.shape[1:]))
     outputs_logits = split.outputs_logits if split else not _ends_in_softmax(model)
     module = tf.Module()
     module.model = model

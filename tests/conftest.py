@@ -213,3 +213,32 @@ def cli():
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def convert_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Class folders (the four labels) of five 64x64 PNG scans each, for calibration and parity tests.
+
+    Real test-set slices from ../shared when present, else synthetic heads (a bright ellipse with a
+    class-dependent blob). Session-wide and read-only: copy it before adding files.
+    """
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("convert-images")
+    shared = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Testing"
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:64, :64]
+    for c, label in enumerate(LABELS):
+        (root / label).mkdir()
+        sources = sorted((shared / label).glob("*.jpg"))[:5] if (shared / label).is_dir() else []
+        for i in range(5):
+            if sources:
+                image = Image.open(sources[i]).convert("L").resize((64, 64), Image.BILINEAR)
+            else:
+                head = ((yy - 32) / 26.0) ** 2 + ((xx - 32) / 22.0) ** 2 < 1
+                blob = (yy - 16 - 8 * c) ** 2 + (xx - 20 - 6 * i) ** 2 < 36
+                pixels = head * rng.integers(60, 140, (64, 64)) + blob * 110
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            image.save(root / label / f"{label}_{i}.png")
+    return root

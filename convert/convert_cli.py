@@ -1,0 +1,141 @@
+"""`edge-convert`: a Keras classifier in, the runtime's int8 TFLite model (with Grad-CAM) out."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_CONVERSION, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
+
+HELP = """Convert MODEL (.keras, legacy .h5 or a SavedModel folder) into one .tflite file the edge runtime
+runs: uint8 pixels in, int8 arithmetic, and two outputs, `probabilities` and a Grad-CAM `heatmap` of the
+predicted class computed inside the same graph (only TFLite builtin ops).
+
+\b
+The input normalisation is folded into the graph, so the device feeds the uint8 image that
+edge.preprocess.prepare returns. Models trained with edge-train carry their labels, size, pipeline
+and normalisation; for other models pass --preprocess (and --labels unless the calibration folder's
+class subfolders name the classes in the model's order).
+
+\b
+Examples:
+  edge-convert runs/custom-cnn.keras --calibration data/Training --out custom-cnn.tflite
+  edge-convert xception.h5 --calibration data/Training --out xception.tflite \\
+      --preprocess xception --labels glioma,meningioma,notumor,pituitary --report report/
+  edge-convert model.keras --calibration calib/ --out m.tflite --also-fp32 --json
+
+\b
+--report DIR compares the int8 (and fp32) file with the Keras model on held-out images (--heldout,
+default: calibration-folder images not used for calibration): top-1 agreement, accuracy, probability
+differences, heatmap correlation with a GradientTape Grad-CAM; writes parity.json, parity.txt and
+heatmaps.png.
+
+\b
+Exit codes:
+  0  converted
+  1  the model cannot be converted (unsupported head layer, bad target layer, non-builtin op)
+  2  bad command line (unknown normalisation, wrong number of labels, ...)
+  3  an input is missing or unreadable (model file, calibration folder, no readable images)
+"""
+
+
+def _fail(message: str, code: int, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    click.echo(f"edge-convert: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _summary(result) -> list[str]:
+    s = result.settings
+    lines = [f"wrote {result.out} ({result.out.stat().st_size / 1024:.0f} KiB, int8): {s.name}, "
+             f"{s.input_size}x{s.input_size}x{s.channels} {s.pipeline}, normalisation {s.preprocess}",
+             f"labels: {', '.join(s.labels)}"]
+    if result.target_layer:
+        h, w, k = result.feature_shape
+        lines.append(f"Grad-CAM target layer {result.target_layer!r} ({h}x{w}x{k})")
+    cal = result.calibration
+    per_class = ", ".join(f"{k or '(unlabelled)'} {n}" for k, n in cal["per_class"].items())
+    lines.append(f"calibration: {cal['images']} images ({per_class}), {cal['skipped']} skipped")
+    lines.append(f"ops: {', '.join(result.ops)}")
+    lines.append(f"float ops: {', '.join(f'{k} x{n}' for k, n in result.float_ops.items()) or 'none'}")
+    if result.fp32_out:
+        lines.append(f"also wrote {result.fp32_out} ({result.fp32_out.stat().st_size / 1024:.0f} KiB, float32)")
+    if result.report:
+        for name, v in result.report["variants"].items():
+            r = v["heatmap_pearson"]
+            lines.append(f"parity [{name}]: top-1 agreement {v['top1_agreement']:.1%}, heatmap r median "
+                         f"{r['median']} (min {r['min']}) on {v['images']} images")
+        lines.append(f"report: {', '.join(str(p) for p in result.report_files)}")
+    return lines
+
+
+@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration", "calibration_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of calibration images: class subfolders (balanced selection) or a flat folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .tflite path.")
+@click.option("--labels", help="Comma-separated class names in the model's output order.")
+@click.option("--preprocess", help="Normalisation the model was trained with: xception/tf ([-1,1]), 0-1, caffe, "
+                                   "torch, none, or mean=a,b,c;std=d,e,f.")
+@click.option("--pipeline", type=click.Choice(["mri-crop-v1", "resize"]),
+              help="Scan preparation on the device (default: carried by the model, else resize).")
+@click.option("--input-size", type=click.IntRange(8, 4096), help="Input size S, for models that accept any size.")
+@click.option("--target-layer", help="Grad-CAM layer (default: the last 4-D feature map before the head).")
+@click.option("--num-calibration", default=200, show_default=True, type=click.IntRange(1, 100000),
+              help="Calibration images in total, balanced over classes.")
+@click.option("--also-fp32", is_flag=True, help="Also write OUT_fp32.tflite, the same graph in float32.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a parity report (JSON, text, heatmap PNG) into this folder.")
+@click.option("--heldout", "heldout_dir", type=click.Path(path_type=Path),
+              help="Images for the parity report (default: unused calibration-folder images, up to 200).")
+@click.option("--name", help="Model name in the metadata (default: carried, else the file stem).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
+def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
+         pipeline: str | None, input_size: int | None, target_layer: str | None, num_calibration: int,
+         also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, name: str | None,
+         as_json: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from convert import calibration, normalisation
+
+    label_list = None
+    if labels is not None:
+        label_list = [x.strip() for x in labels.split(",")]
+        if not all(label_list):
+            _fail(f"--labels {labels!r}: empty class name", EXIT_USAGE, as_json)
+    if preprocess is not None:
+        try:
+            normalisation.parse(preprocess)
+        except ValueError as exc:
+            _fail(f"--preprocess: {exc}", EXIT_USAGE, as_json)
+    if not model.exists():
+        _fail(f"{model}: no such model file or directory", EXIT_INPUT, as_json)
+    for folder in (calibration_dir, heldout_dir):
+        if folder is not None:
+            try:
+                calibration.list_images(folder)
+            except OSError as exc:
+                _fail(str(exc), EXIT_INPUT, as_json)
+
+    from convert.converter import convert_model
+
+    say = None if as_json else (lambda msg: click.echo(msg, err=True))
+    try:
+        result = convert_model(model, calibration_dir=calibration_dir, out=out, labels=label_list,
+                               preprocess=preprocess, input_size=input_size, target_layer=target_layer,
+                               num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
+                               heldout_dir=heldout_dir, name=name, pipeline=pipeline, progress=not as_json,
+                               log=say)
+    except OSError as exc:
+        _fail(str(exc), EXIT_INPUT, as_json)
+    except ValueError as exc:
+        _fail(f"{model}: {exc}", EXIT_CONVERSION, as_json)
+    if as_json:
+        click.echo(json.dumps(dict(result.to_json(), ok=True), indent=1))
+    else:
+        for line in _summary(result):
+            click.echo(line)

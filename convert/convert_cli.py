@@ -36,8 +36,9 @@ heatmaps.png.
 \b
 Exit codes:
   0  converted
-  1  the model cannot be converted (unsupported head layer, bad target layer, non-builtin op)
-  2  bad command line (unknown normalisation, wrong number of labels, ...)
+  1  the model cannot be converted as asked (unsupported head layer, bad --target-layer, --labels
+     count differs from the model's outputs, non-builtin op)
+  2  bad command line (unknown option or normalisation, empty label, ...)
   3  an input is missing or unreadable (model file, calibration folder, no readable images)
 """
 

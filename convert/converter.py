@@ -4,14 +4,15 @@ The steps, each a function here: resolve what the model needs (labels, size, cha
 normalisation) from flags, carried metadata and the model itself; build the serving graph
 (`convert.gradcam_head`); calibrate on class-balanced prepared images (`convert.calibration`); quantize
 with per-channel int8 weights and int8 activations, keeping only the final Grad-CAM combination
-(a few thousand operations) in float; refuse any non-builtin op; embed the metadata; optionally write a float32 twin and a
-parity report (`convert.parity`).
+(a few thousand operations) in float; refuse any non-builtin op; embed the metadata; optionally write
+a float32 twin and a parity report (`convert.parity`).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
 import hashlib
+import re
 import importlib.metadata
 import sys
 import tempfile
@@ -32,6 +33,8 @@ from edge.model_file import SCHEMA_VERSION
 from edge.preprocess import PIPELINES
 
 TOOL = "edge-convert"
+#: Held-out images the parity report draws at most.
+HELDOUT_IMAGES = 200
 #: Ops whose float outputs are expected in the int8 model: the uint8 -> float cast of the input, the
 #: dequantization of the outputs, and the Grad-CAM combination (`gradcam_head.FLOAT_SCOPE`).
 EXPECTED_FLOAT_OPS = ("CAST", "DEQUANTIZE", "MEAN", "BATCH_MATMUL", "RELU", "RESHAPE", "RESIZE_BILINEAR",
@@ -232,33 +235,51 @@ def to_float32(saved_model: Path) -> bytes:
     return converter.convert()
 
 
-def _float_scope_nodes(calibrated: bytes) -> list[str]:
-    """Output tensor names of the ops in `gradcam_head.FLOAT_SCOPE` and of the ops that consume them
-    (the last one's output is renamed to the signature's ``heatmap``, so only its inputs tell)."""
+def _op_names(calibrated: bytes) -> list[tuple[list[str], list[str]]]:
+    """(output tensor names, input tensor names) of every op; the names carry Keras layer name scopes."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.Model.GetRootAsModel(calibrated, 0)
-    nodes = []
+    found = []
     for s in range(model.SubgraphsLength()):
         graph = model.Subgraphs(s)
         name = lambda i: graph.Tensors(i).Name().decode("utf-8", "replace")
         for o in range(graph.OperatorsLength()):
             op = graph.Operators(o)
-            outs = [name(op.Outputs(j)) for j in range(op.OutputsLength()) if op.Outputs(j) >= 0]
-            ins = [name(op.Inputs(j)) for j in range(op.InputsLength()) if op.Inputs(j) >= 0]
-            if any(gradcam_head.FLOAT_SCOPE in n for n in outs + ins):
-                nodes.extend(outs)
-    return nodes
+            found.append(([name(op.Outputs(j)) for j in range(op.OutputsLength()) if op.Outputs(j) >= 0],
+                          [name(op.Inputs(j)) for j in range(op.InputsLength()) if op.Inputs(j) >= 0]))
+    return found
 
 
-def to_int8(saved_model: Path, images: np.ndarray, float_ops: Sequence[str] = ()) -> bytes:
+def float_nodes(calibrated: bytes, float_layers: Sequence[str] = ()) -> list[str]:
+    """Output tensor names of the ops to keep in float: the Grad-CAM combination, and the ops of the Keras
+    layers named in ``float_layers``.
+
+    An op is in `gradcam_head.FLOAT_SCOPE` when an output or input name carries the scope (the last op's
+    output is renamed to the signature's ``heatmap``, so only its inputs tell). A Keras layer's ops carry
+    its name as a path component, possibly with a ``_N`` suffix (``.../block14_sepconv2_1/...``). A layer
+    name that matches no op is an error, so a typo cannot silently leave everything int8.
+    """
+    ops = _op_names(calibrated)
+    nodes = [n for outs, ins in ops if any(gradcam_head.FLOAT_SCOPE in x for x in outs + ins) for n in outs]
+    for layer in float_layers:
+        pattern = re.compile(rf"(^|[/;]){re.escape(layer)}(_\d+)?(/|;|$)")
+        matched = [n for outs, _ in ops for n in outs if pattern.search(n)]
+        if not matched:
+            raise ValueError(f"float layer {layer!r} matches no op of the converted graph")
+        nodes.extend(matched)
+    return sorted(set(nodes))
+
+
+def to_int8(saved_model: Path, images: np.ndarray, float_ops: Sequence[str] = (),
+            float_layers: Sequence[str] = ()) -> bytes:
     """Full-integer TFLite: int8 activations, per-channel int8 weights, uint8 input, float32 outputs.
 
     Calibration runs first on its own (``_experimental_calibrate_only``), then TensorFlow's MLIR quantizer
     is applied with a denylist. That is the documented selective-quantization route (it is what
-    ``tf.lite.experimental.QuantizationDebugger`` does): the Grad-CAM combination, and any op types named
-    in ``float_ops`` (e.g. ``["DEPTHWISE_CONV_2D"]`` if a net proves sensitive), stay float, which TFLite
-    runs with builtin float kernels.
+    ``tf.lite.experimental.QuantizationDebugger`` does): the Grad-CAM combination stays float, and so do
+    the op types named in ``float_ops`` (e.g. ``["DEPTHWISE_CONV_2D"]``) and the ops of the Keras layers
+    named in ``float_layers`` (e.g. ``["block14_sepconv2"]``), all with builtin float kernels.
     """
     from tensorflow.lite.python.convert import mlir_quantize
 
@@ -277,7 +298,7 @@ def to_int8(saved_model: Path, images: np.ndarray, float_ops: Sequence[str] = ()
         calibrated = converter.convert()
     return mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False,
                          input_data_type=tf.uint8, output_data_type=tf.float32,
-                         denylisted_ops=list(float_ops), denylisted_nodes=_float_scope_nodes(calibrated))
+                         denylisted_ops=list(float_ops), denylisted_nodes=float_nodes(calibrated, float_layers))
 
 
 def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, source: dict[str, Any],
@@ -318,6 +339,29 @@ def progress_bar(enabled: bool, length: int, label: str) -> Any:
     return contextlib.nullcontext(SimpleNamespace(update=lambda _n: None))
 
 
+def _parity_report(model: Any, result: ConversionResult, calib: calibration.ImageSet, *, calibration_dir: Path,
+                   heldout_dir: str | Path | None, report_dir: Path, seed: int, progress: bool,
+                   say: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
+    """Held-out images (by default the calibration folder's unused ones) through `convert.parity`."""
+    from convert import parity
+
+    settings = result.settings
+    heldout_root = Path(heldout_dir) if heldout_dir is not None else calibration_dir
+    exclude = calib.paths if heldout_root.resolve() == calibration_dir.resolve() else []
+    with progress_bar(progress, HELDOUT_IMAGES, "held-out images") as bar:
+        heldout = calibration.load_images(heldout_root, size=settings.input_size, channels=settings.channels,
+                                          pipeline=settings.pipeline, count=HELDOUT_IMAGES, seed=seed + 1,
+                                          exclude=exclude, progress=bar.update)
+    variants = {"int8": result.out.read_bytes()}
+    if result.fp32_out is not None:
+        variants["fp32"] = result.fp32_out.read_bytes()
+    say(f"parity report on {len(heldout.paths)} held-out images")
+    return parity.run_report(model, variants, heldout, labels=settings.labels, norm=settings.norm,
+                             target_layer=result.target_layer, report_dir=report_dir,
+                             heldout_source=str(heldout_root), name=settings.name, progress=progress,
+                             fallback=calib if not heldout.paths else None)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -329,15 +373,24 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   also_fp32: bool = False, report_dir: str | Path | None = None,
                   heldout_dir: str | Path | None = None, name: str | None = None, gradcam: bool = True,
                   pipeline: str | None = None, seed: int = 0, float_ops: Sequence[str] = (),
-                  progress: bool = False, log: Callable[[str], None] | None = None) -> ConversionResult:
+                  float_layers: Sequence[str] = (), progress: bool = False,
+                  log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
     ``gradcam=False`` builds the same input pipeline without the Grad-CAM head (only ``probabilities``,
-    metadata without ``heatmap`` or ``gradcam``); it exists to measure what the head costs. ``float_ops`` names TFLite op types to keep in float (builtin) when
-    int8 costs too much accuracy; ``seed`` picks a different but still deterministic calibration set.
+    metadata without ``heatmap`` or ``gradcam``); it exists to measure what the head costs.
+
+    When int8 costs a model too much agreement (the parity report says), the knobs are: a larger
+    ``num_calibration``, another ``seed`` (a different, still deterministic, balanced selection), a
+    calibration folder of hand-picked images, and keeping sensitive parts float with builtin kernels:
+    ``float_ops`` (TFLite op types such as ``"DEPTHWISE_CONV_2D"``) or ``float_layers`` (Keras layer
+    names). The choices are recorded in the metadata's converter settings.
+
     Raises ValueError (bad settings, an unsupported head, a non-builtin op) or OSError (a model, folder or
     image set that is missing or unreadable; FileNotFoundError when missing).
     """
+    if report_dir is not None and not gradcam:
+        raise ValueError("a parity report needs the Grad-CAM head (gradcam=True)")
     say = log or (lambda _msg: None)
     source_path: Path | None = None
     carried = None
@@ -368,16 +421,18 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
         say(f"skipped unreadable calibration image {path}: {why}")
     summary = calib.summary()
     extra = {"preprocess": settings.preprocess, "target_layer": target_layer, "num_calibration": num_calibration,
-             "seed": seed, "per_channel": True, "float_ops": list(float_ops), "gradcam": gradcam}
+             "seed": seed, "per_channel": True, "float_ops": list(float_ops),
+             "float_layers": list(float_layers), "gradcam": gradcam}
     source = source_info(source_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:
         saved = export_saved_model(module, model, Path(tmp) / "saved_model")
         say(f"quantizing to int8 with {summary['images']} calibration images")
-        int8 = to_int8(saved, calib.images, float_ops)
+        int8 = to_int8(saved, calib.images, float_ops, float_layers)
         fp32 = to_float32(saved) if also_fp32 else None
     ops, float_counts = check_builtin(int8)
-    unexpected = sorted(set(float_counts) - set(EXPECTED_FLOAT_OPS) - set(float_ops))
+    expected = set(EXPECTED_FLOAT_OPS) | set(float_ops)
+    unexpected = [] if float_layers else sorted(set(float_counts) - expected)
     if unexpected:
         say(f"note: these ops run in float in the int8 model: {', '.join(unexpected)}")
     metadata = build_metadata(settings, split=split, source=source, quantization="int8",
@@ -394,22 +449,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                               target_layer=split.target_layer if split else None,
                               feature_shape=split.feature_shape if split else None)
     if report_dir is not None:
-        if split is None:
-            raise ValueError("a parity report needs the Grad-CAM head (gradcam=True)")
-        from convert import parity
-
-        heldout_root = Path(heldout_dir) if heldout_dir is not None else calibration_dir
-        exclude = calib.paths if heldout_root.resolve() == calibration_dir.resolve() else []
-        with progress_bar(progress, 200, "held-out images") as bar:
-            heldout = calibration.load_images(heldout_root, size=settings.input_size, channels=settings.channels,
-                                              pipeline=settings.pipeline, count=200, seed=seed + 1,
-                                              exclude=exclude, progress=bar.update)
-        variants = {"int8": out.read_bytes()}
-        if fp32_out is not None:
-            variants["fp32"] = fp32_out.read_bytes()
-        say(f"parity report on {len(heldout.paths)} held-out images")
-        result.report, result.report_files = parity.run_report(
-            model, variants, heldout, labels=settings.labels, norm=settings.norm, target_layer=split.target_layer,
-            report_dir=Path(report_dir), heldout_source=str(heldout_root), progress=progress,
-            fallback=calib if not heldout.paths else None)
+        result.report, result.report_files = _parity_report(
+            model, result, calib, calibration_dir=calibration_dir, heldout_dir=heldout_dir,
+            report_dir=Path(report_dir), seed=seed, progress=progress, say=say)
     return result

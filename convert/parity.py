@@ -73,7 +73,11 @@ def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
 
 def compare(reference: list[reference_gradcam.GradCam], run: Callable, images: calibration.ImageSet,
             labels: Sequence[str], tick: Callable[[int], None]) -> dict[str, Any]:
-    """The metrics of one TFLite variant against the Keras reference results."""
+    """The metrics of one TFLite variant against the Keras reference results.
+
+    Heatmap fidelity is also given over the images where both predict the same class: where they do not,
+    each heatmap explains a different class, so the difference measures the flip, not the head.
+    """
     labelled = bool(images.classes) and all(c in labels for c in images.classes)
     agree, correct_k, correct_t, mean_diff, max_diff, rs, ious, disagreements = [], [], [], [], [], [], [], []
     for i, ref in enumerate(reference):
@@ -100,6 +104,7 @@ def compare(reference: list[reference_gradcam.GradCam], run: Callable, images: c
         "probability_abs_diff": {"mean": round(float(np.mean(mean_diff)), 5) if mean_diff else None,
                                  "max": round(float(np.max(max_diff)), 5) if max_diff else None},
         "heatmap_pearson": _stats(rs),
+        "heatmap_pearson_when_agreeing": _stats([r for r, a in zip(rs, agree) if a]),
         "heatmap_top10_iou": _stats(ious),
         "disagreements": disagreements,
     }
@@ -110,7 +115,7 @@ def _text(report: dict[str, Any]) -> str:
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     for name, v in report["variants"].items():
-        r, iou = v["heatmap_pearson"], v["heatmap_top10_iou"]
+        r, ra, iou = v["heatmap_pearson"], v["heatmap_pearson_when_agreeing"], v["heatmap_top10_iou"]
         lines += [
             "",
             f"[{name}] {v['size_bytes']:,} bytes",
@@ -121,7 +126,7 @@ def _text(report: dict[str, Any]) -> str:
             f"  |probability difference|: mean {v['probability_abs_diff']['mean']}, "
             f"max {v['probability_abs_diff']['max']}",
             f"  heatmap Pearson r vs GradientTape: median {r['median']}, mean {r['mean']}, min {r['min']} "
-            f"(n={r['n']})",
+            f"(n={r['n']}); where the classes agree: median {ra['median']}, min {ra['min']}",
             f"  heatmap top-10% IoU: median {iou['median']}, mean {iou['mean']}, min {iou['min']}",
             f"  ops: {', '.join(f'{k} x{n}' for k, n in v['ops'].items())}",
             f"  float ops: {', '.join(f'{k} x{n}' for k, n in v['float_ops'].items()) or 'none'}",
@@ -160,7 +165,7 @@ def _grid(path: Path, images: calibration.ImageSet, reference: list, run: Callab
 
 def run_report(model: Any, variants: dict[str, bytes], images: calibration.ImageSet, *, labels: Sequence[str],
                norm: normalisation.Normalisation, target_layer: str, report_dir: Path, heldout_source: str,
-               progress: bool = False,
+               name: str | None = None, progress: bool = False,
                fallback: calibration.ImageSet | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Compare every variant with the Keras model on ``images``; write parity.json/.txt and heatmaps.png.
 
@@ -177,7 +182,7 @@ def run_report(model: Any, variants: dict[str, bytes], images: calibration.Image
         for image in images.images:
             reference.append(explain(image))
             bar.update(1)
-        report: dict[str, Any] = {"model": getattr(model, "name", "model"), "images": len(images.paths),
+        report: dict[str, Any] = {"model": name or model.name, "images": len(images.paths),
                                   "heldout": heldout_source, "skipped": len(images.skipped),
                                   "per_class": images.per_class, "note": note, "variants": {}}
         runners = {}

@@ -129,6 +129,22 @@ def test_fp32_twin_and_parity_report(converted: dict):
     assert (report_dir / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_legacy_h5_with_labels_and_logits_head(calib_dir: Path, tmp_path: Path):
+    """A legacy .h5 file ending in logits; --labels name the classes; the summary is human-readable."""
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((32, 32, 3))
+    x = L.Flatten()(L.Conv2D(4, 3, strides=2, activation="relu")(inputs))
+    path = tmp_path / "logits.h5"
+    keras.Model(inputs, L.Dense(4)(L.Dropout(0.1)(x))).save(path)
+    result = invoke(path, "--calibration", calib_dir, "--out", tmp_path / "m.tflite", "--preprocess", "0-1",
+                    "--labels", "a,b,c,d", "--num-calibration", 4)
+    assert result.exit_code == 0, result.output
+    assert "labels: a, b, c, d" in result.stdout and "Grad-CAM target layer" in result.stdout
+    spec = read_spec((tmp_path / "m.tflite").read_bytes())
+    assert spec.labels == ("a", "b", "c", "d") and spec.channels == 3 and spec.pipeline == "resize"
+    assert spec.metadata["source"]["format"] == "h5"
+
+
 def test_calibration_selection_is_balanced_deterministic_and_skips_bad_files(calib_dir: Path, tmp_path: Path):
     kwargs = dict(size=32, channels=1, pipeline="mri-crop-v1")
     first = calibration.load_calibration(calib_dir, count=10, seed=4, **kwargs)

@@ -59,7 +59,7 @@ def functional_bn_head():
     keras.utils.set_random_seed(3)
     inputs = keras.Input((32, 32, 3))
     x = L.Activation("relu")(L.Conv2D(8, 3, padding="same", use_bias=False)(inputs))
-    x = L.ReLU(name="feat")(L.Conv2D(12, 3, strides=2, use_bias=False)(x))
+    x = L.ReLU(name="feat")(L.Conv2D(12, 3, strides=2, use_bias=False, name="conv_b")(x))
     x = L.BatchNormalization()(L.GlobalAveragePooling2D()(x))
     x = L.Dropout(0.2)(L.LeakyReLU(0.1)(L.Dense(8)(x)))
     model = keras.Model(inputs, L.Softmax()(L.Dense(4)(x)))
@@ -82,13 +82,14 @@ def _images(directory: Path, model, count: int = 8) -> np.ndarray:
     return calibration.load_images(directory, size=size, channels=channels, pipeline="resize", count=count).images
 
 
-def _tflite(model, preprocess: str, workdir: Path, images: np.ndarray | None = None, gradcam: bool = True) -> bytes:
+def _tflite(model, preprocess: str, workdir: Path, images: np.ndarray | None = None, gradcam: bool = True,
+            **int8_options) -> bytes:
     """Real conversion of the serving graph: float32, or int8 when calibration images are given."""
     size, channels = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[-1])
     module, _ = gradcam_head.build_module(model, norm=normalisation.parse(preprocess, channels), input_size=size,
                                          channels=channels, gradcam=gradcam)
     saved = converter.export_saved_model(module, model, workdir / "saved_model")
-    return converter.to_float32(saved) if images is None else converter.to_int8(saved, images)
+    return converter.to_float32(saved) if images is None else converter.to_int8(saved, images, **int8_options)
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -158,6 +159,19 @@ def test_int8_head_runs_and_stays_faithful(convert_image_dir: Path, tmp_path: Pa
     # A black image gives an all-zero feature map: the heatmap is all zeros, not a division by zero.
     probabilities, heatmap = run(np.zeros((32, 32, 3), np.uint8))
     assert not heatmap.any() and abs(float(probabilities.sum()) - 1.0) < 0.02
+
+
+def test_sensitive_parts_can_stay_float(convert_image_dir: Path, tmp_path: Path):
+    """The escape hatch for nets that lose too much in int8: named layers or op types stay float (builtin)."""
+    model, preprocess = functional_bn_head()
+    calib = _images(convert_image_dir, model, 8)
+    blob = _tflite(model, preprocess, tmp_path / "layer", images=calib, float_layers=["conv_b"])
+    _, float_ops, custom = converter.list_ops(blob)
+    assert float_ops.get("CONV_2D") == 1 and not custom
+    blob = _tflite(model, preprocess, tmp_path / "ops", images=calib, float_ops=["FULLY_CONNECTED"])
+    assert converter.list_ops(blob)[1].get("FULLY_CONNECTED", 0) >= 2
+    with pytest.raises(ValueError, match="float layer 'conv_z' matches no op"):
+        _tflite(model, preprocess, tmp_path / "typo", images=calib, float_layers=["conv_z"])
 
 
 def test_without_heatmap_only_probabilities(convert_image_dir: Path, tmp_path: Path):

@@ -7,6 +7,7 @@ folder listing and the preprocessing settings, because decoding 7,000 JPEGs cost
 from __future__ import annotations
 
 import hashlib
+import sys
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def load_folder(root: Path, size: int, channels: int, pipeline: str, labels: lis
             z = np.load(cache, allow_pickle=False)
             return FolderData(z["x"], z["y"], labels, list(z["paths"]), list(z["skipped"]))
     xs, kept, paths, skipped = [], [], [], []
-    with click.progressbar(list(zip(files, ys)), label=f"preparing {root}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(list(zip(files, ys)), label=f"preparing {root}", file=sys.stderr) as bar:
         for f, y in bar:
             try:
                 with Image.open(f) as im:

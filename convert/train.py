@@ -9,6 +9,7 @@ into minutes.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class _EpochBar:
 
         class Bar(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                self.bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"),
+                self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
                                              show_pos=True)
                 self.bar.__enter__()
 
@@ -202,7 +203,7 @@ def _cache_features(run_batch, x: np.ndarray, copies: int, augmented: bool, seed
     geo = augment.build(seed)
     out = []
     total = copies * int(np.ceil(x.shape[0] / 32))
-    with click.progressbar(length=total, label=label, file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
         for c in range(copies):
             tf.random.set_seed(seed + c)
             feats = []

@@ -1,0 +1,77 @@
+"""The whole host-to-device path on the shipped real sample: edge-train -> edge-convert -> edge-classify."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("tensorflow")
+
+SAMPLE = Path(__file__).parent / "data" / "mri_sample"
+LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from convert.train_cli import main as train_main
+
+    out = tmp_path_factory.mktemp("train") / "tiny.keras"
+    result = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32",
+                                             "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_model_log_and_curves(trained: Path) -> None:
+    run_dir = trained.parent / "tiny_run"
+    assert (run_dir / "log.csv").read_text().count("\n") == 2  # header + one epoch
+    assert (run_dir / "learning_curves.png").stat().st_size > 1000
+    with zipfile.ZipFile(trained) as zf:
+        carried = json.loads(zf.read("edge_mri.json"))
+    assert carried["labels"] == LABELS
+    assert (carried["input_size"], carried["channels"], carried["pipeline"]) == (32, 1, "mri-crop-v1")
+    assert carried["training"]["epochs_run"] == 1
+    assert carried["training"]["train"] + carried["training"]["val"] == 32
+
+
+def test_train_convert_classify(trained: Path, tmp_path: Path) -> None:
+    from convert.convert_cli import main as convert_main
+    from edge import Classifier
+    from edge.cli import main as classify_main
+
+    tfl = tmp_path / "tiny.tflite"
+    res = CliRunner().invoke(convert_main, [str(trained), "--calibration", str(SAMPLE), "--out", str(tfl),
+                                            "--num-calibration", "16"])
+    assert res.exit_code == 0, res.output
+    clf = Classifier(tfl, threads=1)
+    assert clf.spec.labels == tuple(LABELS) and clf.spec.pipeline == "mri-crop-v1"
+    r = clf.classify(next((SAMPLE / "glioma").glob("*.jpg")))
+    assert r.label in LABELS
+    assert abs(sum(r.probabilities.values()) - 1) < 0.02
+    assert r.heatmap.shape == (32, 32) and 0 <= r.heatmap.min() and r.heatmap.max() <= 1
+    out = CliRunner().invoke(classify_main, ["--model", str(tfl), "--json", str(SAMPLE / "notumor")])
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(x) for x in out.output.splitlines() if x.startswith("{")]
+    assert len(lines) == 8 and all(x["label"] in LABELS for x in lines)
+
+
+def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:
+    from convert.train_cli import main as train_main
+
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(tmp_path / "x.keras"), "--weights", "none"])
+    assert res.exit_code == 2 and "--weights applies to --arch xception only" in res.output
+
+
+def test_class_weights_and_split_are_balanced() -> None:
+    from convert.dataset import class_weights, stratified_split
+
+    y = np.array([0] * 30 + [1] * 10)
+    w = class_weights(y, 2)
+    assert w[1] == pytest.approx(3 * w[0])
+    tr, va = stratified_split(y, 0.2, seed=0)
+    assert set(np.bincount(y[va])) == {6, 2} and np.intersect1d(tr, va).size == 0
+    assert np.array_equal(stratified_split(y, 0.2, seed=0)[1], va)

@@ -32,7 +32,10 @@ def _randomise_batchnorm(model, seed: int) -> None:
 
 
 def nested_mobilenet():
-    """(a) keras.applications MobileNetV2 nested as a layer + GAP + Dense(relu) + Dropout + Dense(softmax)."""
+    """(a) keras.applications MobileNetV2 nested as a layer + GAP + Dense(relu) + Dropout + Dense(softmax).
+
+    64 px rather than the smallest allowed 32: at 32 px the last feature map is 1x1 and every heatmap is flat.
+    """
     keras.utils.set_random_seed(1)
     base = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None)
     inputs = keras.Input((64, 64, 3))

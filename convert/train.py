@@ -158,8 +158,9 @@ def reestimate_batchnorm(model, x: np.ndarray, batch: int = 64, passes: int = 2,
         layer.momentum = 0.9
     rng = np.random.default_rng(seed)
     for _ in range(passes):
-        for i in rng.permutation(x.shape[0] // batch):
-            model(normalise(x[i * batch:(i + 1) * batch].astype(np.float32), norm), training=True)
+        order = rng.permutation(x.shape[0])  # mixed-class batches, as in training
+        for i in range(0, x.shape[0] - batch + 1, batch):
+            model(normalise(x[order[i:i + batch]].astype(np.float32), norm), training=True)
     for layer, m in zip(bns, saved):
         layer.momentum = m
 

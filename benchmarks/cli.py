@@ -11,6 +11,7 @@ import click
 import edge
 from . import compare as compare_mod
 from . import report
+from .keras_reference import STYLES as KERAS_STYLES
 from .run import BenchError, Config, find_images, progress_length, rounds_plan, run_session
 from .soak import parse_duration
 
@@ -93,7 +94,9 @@ def main() -> None:
               help="Reference .tflite measured on the same scans and reported as a ratio (repeatable), "
                    "e.g. fp32=m_fp32.tflite or nohead=m_nohead.tflite.")
 @click.option("--keras", "keras_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also time the Keras fp32 + GradientTape Grad-CAM loop of this .keras (needs TensorFlow).")
+              help="Also time the Keras fp32 + GradientTape Grad-CAM loop of this .keras (needs TensorFlow), "
+                   "two ways: keras-compiled+tape (one compiled tf.function, the fastest Keras way) and "
+                   "keras-predict+tape (model.predict, then an eager tape: how the published studies run it).")
 @click.option("--duration", metavar="30s|10m|2h",
               help="Soak each model under test x threads for this long (one after another) after the rounds; "
                    "reports latency and RSS drift.")
@@ -144,7 +147,8 @@ def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_star
     configs = [Config(None, "model", "tflite", p, t) for p in model_paths for t in threads]
     configs += [Config(label, "reference", "tflite", p, t) for label, p in refs for t in threads]
     if keras_path is not None:
-        configs += [Config("keras+tape", "reference", "keras", keras_path, t) for t in threads]
+        configs += [Config(f"keras-{style}+tape", "reference", "keras", keras_path, t, style)
+                    for style in KERAS_STYLES for t in threads]
     n_rounds, _ = rounds_plan(runs, rounds)
     soak_samples = int(soak_s // sample_s) if soak_s else 0
     length = progress_length(configs, n_rounds, cold_starts, soak_samples)

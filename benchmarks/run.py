@@ -48,6 +48,7 @@ class Config:
     kind: str  # "tflite" (through edge.Classifier) or "keras" (benchmarks.keras_reference)
     path: Path
     threads: int
+    style: str | None = None  # kind "keras" only: "compiled" or "predict" (benchmarks.keras_reference.STYLES)
 
 
 def find_images(directory: Path) -> list[Path]:
@@ -71,7 +72,7 @@ def _env() -> dict[str, str]:
 
 
 def _worker_config(cfg: Config, images: list[Path], warmup: int, cold: bool = False) -> str:
-    return json.dumps({"kind": cfg.kind, "model": str(cfg.path), "threads": cfg.threads,
+    return json.dumps({"kind": cfg.kind, "style": cfg.style, "model": str(cfg.path), "threads": cfg.threads,
                        "images": [str(p) for p in images], "warmup": warmup, "cold": cold})
 
 

@@ -6,8 +6,10 @@ interpreter threads never share a process with another model's. Only the standar
 runner (``edge`` or the Keras reference) are imported here; memory is read from /proc on Linux and
 only falls back to psutil elsewhere.
 
-Protocol: the configuration is JSON in ``argv[1]``; replies are JSON lines on the original stdout (the
-child's fd 1 is pointed at stderr first, so a backend that prints cannot corrupt the protocol).
+Protocol: the configuration is JSON in ``argv[1]`` (``kind``, ``model``, ``threads``, ``images``, ``warmup``,
+``cold``, and for ``kind == "keras"`` the reference ``style``: see `benchmarks.keras_reference.STYLES`);
+replies are JSON lines on the original stdout (the child's fd 1 is pointed at stderr first, so a backend
+that prints cannot corrupt the protocol).
 Commands, one JSON line each on stdin: ``round`` (classify ``runs`` scans from ``offset``), ``soak``
 (classify for ``seconds``, streaming a ``sample`` event every ``sample_s``), ``finish``.
 With ``"cold": true`` the process loads, classifies one scan, prints one line and exits: the parent
@@ -42,7 +44,7 @@ def _reply(out: TextIO, event: str, **payload: Any) -> None:
 def import_runner(kind: str) -> type:
     """Import what a configuration needs (for TFLite, the interpreter module too), so load time is the model's.
 
-    Returns the class whose ``(model, threads=...)`` constructor loads a model: `edge.Classifier`, or the
+    Returns the class whose constructor loads a model (see `load_runner`): `edge.Classifier`, or the
     Keras reference for ``kind == "keras"``.
     """
     if kind == "keras":
@@ -57,6 +59,13 @@ def import_runner(kind: str) -> type:
 
     find_backend()
     return Classifier
+
+
+def load_runner(runner_class: type, cfg: dict[str, Any]) -> Any:
+    """Load the configuration's model; a Keras reference also gets its style (compiled or predict + tape)."""
+    if cfg["kind"] == "keras":
+        return runner_class(cfg["model"], threads=cfg["threads"], style=cfg["style"])
+    return runner_class(cfg["model"], threads=cfg["threads"])
 
 
 def memory_mb() -> tuple[float, float]:
@@ -99,7 +108,7 @@ class _Session:
         t0 = time.perf_counter()
         runner_class = import_runner(cfg["kind"])
         t1 = time.perf_counter()
-        self.runner = runner_class(cfg["model"], threads=cfg["threads"])
+        self.runner = load_runner(runner_class, cfg)
         self.import_ms = (t1 - t0) * 1000.0
         self.load_ms = (time.perf_counter() - t1) * 1000.0
         self.last = None
@@ -162,7 +171,7 @@ class _Session:
 
 
 def _cold(cfg: dict[str, Any], out: TextIO) -> None:
-    runner = import_runner(cfg["kind"])(cfg["model"], threads=cfg["threads"])
+    runner = load_runner(import_runner(cfg["kind"]), cfg)
     runner.classify(cfg["images"][0])
     out.write("ok\n")
     out.flush()

@@ -261,8 +261,9 @@ def tiny_keras(tmp_path_factory: pytest.TempPathFactory):
     return model, path
 
 
-def test_keras_reference_matches_model_and_analytic_gradcam(tiny_keras, small_scans: Path) -> None:
-    """For GAP -> Dense, Grad-CAM of class c is relu(F . W[:, c]) up to scale: the tape loop must give that."""
+@pytest.mark.parametrize("style", ["compiled", "predict"])
+def test_keras_reference_matches_model_and_analytic_gradcam(tiny_keras, small_scans: Path, style: str) -> None:
+    """For GAP -> Dense, Grad-CAM of class c is relu(F . W[:, c]) up to scale: both tape loops must give that."""
     import keras
     import tensorflow as tf
 
@@ -271,7 +272,7 @@ def test_keras_reference_matches_model_and_analytic_gradcam(tiny_keras, small_sc
     from edge.preprocess import prepare
 
     model, path = tiny_keras
-    ref = KerasGradCam(path, threads=1)
+    ref = KerasGradCam(path, threads=1, style=style)
     scan = small_scans / "scan_1.jpg"
     res = ref.classify(scan)
     x = prepare(decode(scan), 32, 1, "mri-crop-v1").astype(np.float32)[None] / 127.5 - 1.0
@@ -285,12 +286,41 @@ def test_keras_reference_matches_model_and_analytic_gradcam(tiny_keras, small_sc
     assert set(res.timings) == {"decode", "preprocess", "invoke", "postprocess", "total"}
 
 
+def test_keras_predict_style_agrees_with_compiled(tiny_keras, small_scans: Path) -> None:
+    """The published-style loop (predict, then an eager tape) explains the same class the same way."""
+    from benchmarks.keras_reference import KerasGradCam
+
+    _, path = tiny_keras
+    compiled = KerasGradCam(path, threads=1, style="compiled")
+    predict = KerasGradCam(path, threads=1, style="predict")
+    for scan in sorted(small_scans.glob("*.jpg")):
+        a, b = compiled.classify(scan), predict.classify(scan)
+        assert a.label == b.label, scan
+        assert np.allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5), scan
+        assert a.heatmap.std() > 0, scan  # a flat map would make the correlation meaningless
+        assert np.corrcoef(a.heatmap.ravel(), b.heatmap.ravel())[0, 1] > 0.99, scan
+    with pytest.raises(ValueError, match="style"):
+        KerasGradCam(path, threads=1, style="eager")
+
+
 def test_run_with_keras_reference(tiny_keras, tiny_model_path: Path, small_scans: Path, tmp_path: Path) -> None:
+    """--keras measures both reference styles in their own workers; both ratios reach the JSON and markdown."""
     _, path = tiny_keras
     code, stdout, stderr = _run("--model", tiny_model_path, "--keras", path, "--images", small_scans, "--runs", "6",
                                 "--rounds", "2", "--json", tmp_path / "k.json", *FAST)
     assert code == 0, stderr
-    model, keras_row = json.loads((tmp_path / "k.json").read_text())["results"]
-    assert (keras_row["label"], keras_row["kind"], keras_row["backend"]["name"]) == ("keras+tape", "keras", "keras")
-    assert model["ratios"]["keras+tape"]["end_to_end_p50"] > 0
-    assert "keras+tape" in stdout
+    model, *keras_rows = json.loads((tmp_path / "k.json").read_text())["results"]
+    labels = ["keras-compiled+tape", "keras-predict+tape"]
+    assert [r["label"] for r in keras_rows] == labels
+    for row in keras_rows:
+        assert (row["role"], row["kind"], row["backend"]["name"]) == ("reference", "keras", "keras")
+        assert row["scans"] == 6 and not row["skipped_scans"]
+        for stage in ("decode", "preprocess", "invoke", "postprocess", "end_to_end"):
+            st = row["stages"][stage]
+            assert 0 <= st["min"] <= st["p50"] <= st["p99"] <= st["max"], (row["label"], stage)
+        assert row["stages"]["invoke"]["p50"] > 0 and row["memory"]["peak_rss_mb"] > 10
+    assert set(model["ratios"]) == set(labels)
+    for label, row in zip(labels, keras_rows):
+        assert model["ratios"][label]["end_to_end_p50"] == pytest.approx(
+            row["stages"]["end_to_end"]["p50"] / model["stages"]["end_to_end"]["p50"])
+        assert f"{label} " in stdout and f"| {label} | reference | 1 |" in stdout

@@ -43,6 +43,7 @@ class TrainConfig:
     feature_copies: int = 2
     limit: int | None = None
     cache_dir: Path | None = None
+    init: Path | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -146,6 +147,14 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     from convert.architectures import custom_cnn
 
     model = custom_cnn(cfg.input_size, 1, len(train.labels))
+    if cfg.init is not None:
+        from convert.keras_io import load_model
+
+        start, carried = load_model(cfg.init)
+        if carried is None or carried.get("input_size") != cfg.input_size or carried.get("labels") != train.labels:
+            raise click.BadParameter(f"{cfg.init}: not an edge-train custom-cnn model with input size "
+                                     f"{cfg.input_size} and labels {train.labels}", param_hint="--init")
+        model.set_weights(start.get_weights())
     steps = int(np.ceil(train.y.size / cfg.batch_size))
     _compile(model, cfg.lr, steps, cfg.epochs)
     hist = model.fit(

@@ -30,10 +30,13 @@ import click
 @click.option("--limit", type=int, default=None, help="Use at most N training images, class-balanced (smoke tests).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache prepared images here (.npz) to skip decoding on the next run.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="custom-cnn only: start from this edge-train model's weights (a low-learning-rate second "
+                   "stage when validation accuracy was still rising at the end of the first).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, fine_tune_epochs: int,
          batch_size: int, lr: float, val_fraction: float, patience: int, weights: str | None,
-         feature_copies: int, limit: int | None, cache_dir: Path | None, seed: int) -> None:
+         feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -55,6 +58,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         raise click.UsageError("--weights applies to --arch xception only")
     if arch == "xception" and weights is None:
         raise click.UsageError("--arch xception needs --weights imagenet|PATH|none")
+    if init is not None and arch != "custom-cnn":
+        raise click.UsageError("--init applies to --arch custom-cnn only")
     w = None if weights in (None, "none") else weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise click.BadParameter(f"{w}: no such weights file", param_hint="--weights")
@@ -62,7 +67,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         arch=arch, data=data, out=out, input_size=input_size or (96 if arch == "custom-cnn" else 160),
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience, seed=seed,
         weights=w, fine_tune_epochs=fine_tune_epochs, feature_copies=feature_copies, limit=limit,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, init=init,
     )
     carried = train.run(cfg)
     t = carried["training"]

@@ -59,6 +59,25 @@ def test_train_convert_classify(trained: Path, tmp_path: Path) -> None:
     assert len(lines) == 8 and all(x["label"] in LABELS for x in lines)
 
 
+def test_init_continues_from_a_trained_model(trained: Path, tmp_path: Path) -> None:
+    import keras
+
+    from convert.train_cli import main as train_main
+
+    out = tmp_path / "second.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
+                                          "--batch-size", "8", "--lr", "0", "--val-fraction", "0.25",
+                                          "--init", str(trained)])
+    assert res.exit_code == 0, res.output
+    # With a zero learning rate the weights are exactly those of the starting model.
+    a = keras.models.load_model(trained, compile=False).get_weights()
+    b = keras.models.load_model(out, compile=False).get_weights()
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b) if x.ndim > 1)
+    bad = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(tmp_path / "b.keras"), "--input-size", "48",
+                                          "--epochs", "1", "--init", str(trained)])
+    assert bad.exit_code == 2 and "--init" in bad.output
+
+
 def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:
     from convert.train_cli import main as train_main
 

@@ -37,20 +37,21 @@ def _scan(path: Path, side: int, seed: int) -> Path:
     return path
 
 
+def _scan_dir(factory: pytest.TempPathFactory, name: str, side: int) -> Path:
+    d = factory.mktemp(name)
+    for i in range(4):
+        _scan(d / f"scan_{i}.jpg", side, i)
+    return d
+
+
 @pytest.fixture(scope="module")
 def small_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("small_scans")
-    for i in range(4):
-        _scan(d / f"scan_{i}.jpg", 64, i)
-    return d
+    return _scan_dir(tmp_path_factory, "small_scans", 64)
 
 
 @pytest.fixture(scope="module")
 def large_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("large_scans")
-    for i in range(4):
-        _scan(d / f"scan_{i}.jpg", 1400, i)
-    return d
+    return _scan_dir(tmp_path_factory, "large_scans", 1400)
 
 
 def _name(model: Path) -> str:

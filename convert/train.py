@@ -179,19 +179,26 @@ def _tflite_runner(submodel, channels: int):
     box; the same graph under TFLite's XNNPACK delegate is an order of magnitude faster, and it is the
     runtime the model is built for anyway.
     """
+    import tempfile
+
     import tensorflow as tf
 
+    from convert.converter import export_saved_model, to_float32
     from edge.backend import load_interpreter
 
     size = submodel.input_shape[1]
     norm = parse_norm(PREPROCESS, channels)
 
-    @tf.function(input_signature=[tf.TensorSpec([1, size, size, channels], tf.float32)])
-    def serve(x):
-        return submodel(normalise(x, norm), training=False)
+    class Lower(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, size, size, channels], tf.float32)])
+        def serve(self, x):
+            return submodel(normalise(x, norm), training=False)
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], submodel)
-    interp = load_interpreter(conv.convert(), threads=2)[0]
+    # Through Keras's ExportArchive: a concrete function of a Keras 3 model converted directly leaves the
+    # variables unfrozen, and the interpreter then returns NaN features.
+    with tempfile.TemporaryDirectory() as tmp:
+        tflite = to_float32(export_saved_model(Lower(), submodel, Path(tmp) / "lower"))
+    interp = load_interpreter(tflite, threads=2)[0]
     inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
 
     def run_batch(xb: np.ndarray) -> np.ndarray:
@@ -200,7 +207,10 @@ def _tflite_runner(submodel, channels: int):
             interp.set_tensor(inp, img[None].astype(np.float32))
             interp.invoke()
             feats.append(interp.get_tensor(out)[0].astype(np.float16))
-        return np.stack(feats)
+        batch = np.stack(feats)
+        if not np.isfinite(batch).all():  # fail in minutes, not after hours of training on NaN
+            raise click.ClickException("frozen-base features are not finite; the base model did not convert")
+        return batch
 
     return run_batch
 

@@ -94,3 +94,23 @@ def test_class_weights_and_split_are_balanced() -> None:
     tr, va = stratified_split(y, 0.2, seed=0)
     assert set(np.bincount(y[va])) == {6, 2} and np.intersect1d(tr, va).size == 0
     assert np.array_equal(stratified_split(y, 0.2, seed=0)[1], va)
+
+
+def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
+    """Both phases run on finite cached activations and the saved model is a whole Xception classifier."""
+    import csv
+
+    from convert.train_cli import main as train_main
+
+    out = tmp_path / "x.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--weights", "none", "--out", str(out),
+                                          "--input-size", "71", "--epochs", "1", "--fine-tune-epochs", "1",
+                                          "--feature-copies", "1", "--batch-size", "8", "--val-fraction", "0.25"])
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "x_run"
+    for log in ("phase1_log.csv", "phase2_log.csv"):
+        rows = list(csv.DictReader((run_dir / log).open()))
+        assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"])), rows
+    with zipfile.ZipFile(out) as zf:
+        carried = json.loads(zf.read("edge_mri.json"))
+    assert (carried["name"], carried["channels"], carried["input_size"]) == ("xception", 3, 71)

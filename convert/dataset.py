@@ -1,21 +1,21 @@
 """Folder data sets (one sub-folder per class) read into memory as prepared uint8 model inputs.
 
-Every image goes through `edge.preprocess.prepare`, the function the device runs, so the network is
-trained on exactly what it will see in the field. Prepared arrays are cached as .npz keyed on the
+Every image goes through `edge.decode.decode` and `edge.preprocess.prepare`, the functions the device
+runs, so the network is trained on exactly what it will see in the field. Prepared arrays are cached as .npz keyed on the
 folder listing and the preprocessing settings, because decoding 7,000 JPEGs costs more than an epoch.
 """
 from __future__ import annotations
 
 import hashlib
-import sys
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
-from PIL import Image
-
+from edge.decode import decode
+from edge.errors import InputError
 from edge.preprocess import prepare
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -52,7 +52,7 @@ def list_images(root: Path, labels: list[str] | None = None) -> tuple[list[Path]
 
 
 def _cache_key(files: list[Path], size: int, channels: int, pipeline: str) -> str:
-    h = hashlib.sha256(json.dumps([size, channels, pipeline]).encode())
+    h = hashlib.sha256(json.dumps([size, channels, pipeline, "edge.decode"]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}".encode())
@@ -76,10 +76,9 @@ def load_folder(root: Path, size: int, channels: int, pipeline: str, labels: lis
     with click.progressbar(list(zip(files, ys)), label=f"preparing {root}", file=sys.stderr) as bar:
         for f, y in bar:
             try:
-                with Image.open(f) as im:
-                    arr = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I", "F") else im)
-            except (OSError, ValueError) as exc:
-                skipped.append(f"{f}: {exc}")
+                arr = decode(f)
+            except InputError as exc:
+                skipped.append(str(exc))
                 continue
             xs.append(prepare(arr, size, channels, pipeline))
             kept.append(y)

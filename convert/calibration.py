@@ -1,7 +1,7 @@
 """Pick and prepare the images that calibrate int8 quantization (and the held-out images that check it).
 
 Quantization ranges come from the activations these images produce, so the set should look like what
-the device will see: the images go through `edge.preprocess.prepare` exactly as on the device, and the
+the device will see: the images go through the device's own `edge.decode` and `edge.preprocess.prepare`, and the
 selection is class-balanced, so no class's activations are under-represented. The selection is seeded,
 so converting the same model twice gives the same file. An unreadable image is skipped and counted,
 never fatal: one bad file in a folder of hundreds should not stop a conversion.
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from edge.decode import decode
+from edge.errors import InputError
 from edge.preprocess import prepare
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -63,18 +64,6 @@ def list_images(directory: str | Path) -> dict[str, list[Path]]:
     return dict(sorted(groups.items()))
 
 
-def decode(path: Path) -> np.ndarray:
-    """Decode an image file with PIL into a numpy array (2-D gray, or H x W x 3), EXIF orientation applied."""
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
-            img = img.convert("RGB")
-        elif img.mode in ("1", "LA"):
-            img = img.convert("L")
-        return np.asarray(img)
-
-
 def _round_robin(groups: dict[str, list[Path]], seed: int, exclude: set[Path]) -> Iterable[tuple[str, Path]]:
     """Yield (class, file) alternating between classes, each class in its own seeded random order.
 
@@ -114,8 +103,8 @@ def load_images(directory: str | Path, *, size: int, channels: int, pipeline: st
             break
         try:
             images.append(prepare(decode(path), size, channels, pipeline))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            skipped.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        except InputError as exc:  # the device decoder names the file first: keep only the reason
+            skipped.append((path, str(exc).split(": ", 1)[-1]))
             continue
         paths.append(path)
         classes.append(name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -44,7 +44,6 @@ class TrainConfig:
     limit: int | None = None
     cache_dir: Path | None = None
     init: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _channels(arch: str) -> int:

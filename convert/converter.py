@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convert import calibration, gradcam_head, keras_io, normalisation
+from convert import calibration, equalise as equalisation, gradcam_head, keras_io, normalisation
 from convert.metadata import embed_metadata
 from edge.model_file import SCHEMA_VERSION
 from edge.preprocess import PIPELINES
@@ -35,6 +35,8 @@ from edge.preprocess import PIPELINES
 TOOL = "edge-convert"
 #: Held-out images the parity report draws at most.
 HELDOUT_IMAGES = 200
+#: Calibration images whose per-channel activation maxima drive cross-layer equalisation.
+EQUALISE_IMAGES = 64
 #: Ops whose float outputs are expected in the int8 model: the uint8 -> float cast of the input, the
 #: dequantization of the outputs, and the Grad-CAM combination (`gradcam_head.FLOAT_SCOPE`).
 EXPECTED_FLOAT_OPS = ("CAST", "DEQUANTIZE", "MEAN", "BATCH_MATMUL", "RELU", "RESHAPE", "RESIZE_BILINEAR",
@@ -373,7 +375,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   also_fp32: bool = False, report_dir: str | Path | None = None,
                   heldout_dir: str | Path | None = None, name: str | None = None, gradcam: bool = True,
                   pipeline: str | None = None, seed: int = 0, float_ops: Sequence[str] = (),
-                  float_layers: Sequence[str] = (), progress: bool = False,
+                  float_layers: Sequence[str] = (), equalise: bool = True, progress: bool = False,
                   log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
@@ -384,7 +386,10 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     ``num_calibration``, another ``seed`` (a different, still deterministic, balanced selection), a
     calibration folder of hand-picked images, and keeping sensitive parts float with builtin kernels:
     ``float_ops`` (TFLite op types such as ``"DEPTHWISE_CONV_2D"``) or ``float_layers`` (Keras layer
-    names). The choices are recorded in the metadata's converter settings.
+    names). Before any of that, ``equalise`` (on by default) rescales the channels between the two halves
+    of every depthwise-separable convolution (`convert.equalise`): the float function is unchanged, the
+    int8 one loses far less; it does nothing to a model without ``SeparableConv2D`` layers. The choices
+    are recorded in the metadata's converter settings.
 
     Raises ValueError (bad settings, an unsupported head, a non-builtin op) or OSError (a model, folder or
     image set that is missing or unreadable; FileNotFoundError when missing).
@@ -408,21 +413,28 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     settings = resolve_settings(model, carried, source=source_path, calibration_dir=calibration_dir,
                                 labels=labels, preprocess=preprocess, input_size=input_size,
                                 pipeline=pipeline, name=name)
-    module, split = gradcam_head.build_module(model, norm=settings.norm, input_size=settings.input_size,
-                                              channels=settings.channels, target_layer=target_layer,
-                                              gradcam=gradcam)
-    if split is not None:
-        say(f"Grad-CAM target layer {split.target_layer!r}, feature map {split.feature_shape}")
     with progress_bar(progress, num_calibration, "calibration images") as bar:
         calib = calibration.load_calibration(calibration_dir, size=settings.input_size,
                                              channels=settings.channels, pipeline=settings.pipeline,
                                              count=num_calibration, seed=seed, progress=bar.update)
     for path, why in calib.skipped:
         say(f"skipped unreadable calibration image {path}: {why}")
+    equalised = None
+    if equalise and equalisation.separable_layers(model):
+        if source_path is None:  # never rescale the caller's own object
+            model = equalisation.clone(model)
+        probe = normalisation.apply(calib.images[:EQUALISE_IMAGES].astype(np.float32), settings.norm)
+        equalised = equalisation.equalise(model, probe)
+    module, split = gradcam_head.build_module(model, norm=settings.norm, input_size=settings.input_size,
+                                              channels=settings.channels, target_layer=target_layer,
+                                              gradcam=gradcam)
+    if split is not None:
+        say(f"Grad-CAM target layer {split.target_layer!r}, feature map {split.feature_shape}")
     summary = calib.summary()
     extra = {"preprocess": settings.preprocess, "target_layer": target_layer, "num_calibration": num_calibration,
              "seed": seed, "per_channel": True, "float_ops": list(float_ops),
-             "float_layers": list(float_layers), "gradcam": gradcam}
+             "float_layers": list(float_layers), "gradcam": gradcam,
+             "equalised": equalised.to_json() if equalised else None}
     source = source_info(source_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:

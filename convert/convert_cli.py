@@ -101,8 +101,8 @@ def _summary(result) -> list[str]:
               help="Images for the parity report (default: unused calibration-folder images, up to 200).")
 @click.option("--equalise/--no-equalise", default=True, show_default=True,
               help="Rescale the channels inside depthwise-separable convolutions (Xception) before int8 "
-                   "quantization: same float function, much less int8 error. No effect on other models; "
-                   "--no-equalise exists to measure what it buys.")
+                   "quantization: same float function, less int8 rounding where channel ranges differ widely. No "
+                   "effect on models without separable convolutions; --no-equalise measures what it buys.")
 @click.option("--name", help="Model name in the metadata (default: carried, else the file stem).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,

@@ -4,8 +4,9 @@ Why: a Keras ``SeparableConv2D`` is a depthwise convolution followed by a 1x1 po
 nothing in between, so each intermediate channel's scale can move freely between the two kernels, and
 training leaves it wherever it landed. After conversion the intermediate tensor is quantized with one
 scale for all channels and the pointwise kernel with one scale per *output* channel, so a channel whose
-activations are 100x smaller than its neighbours' is rounded away on both counts. That is the
-well-known reason Xception-style networks lose accuracy in post-training int8.
+activations are 100x smaller than its neighbours' is rounded away on both counts: a known way for
+Xception-style networks to lose accuracy in post-training int8 (how much it matters depends on how uneven
+a trained model's channels are; see README, Status, for what it did to ours).
 
 The fix (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction",
 ICCV 2019; the same balance SmoothQuant strikes with alpha = 0.5) rescales intermediate channel c:

@@ -99,6 +99,10 @@ def _summary(result) -> list[str]:
               help="Write a parity report (JSON, text, heatmap PNG) into this folder.")
 @click.option("--heldout", "heldout_dir", type=click.Path(path_type=Path),
               help="Images for the parity report (default: unused calibration-folder images, up to 200).")
+@click.option("--heatmap/--no-heatmap", "gradcam", default=True, show_default=True,
+              help="Build the in-graph Grad-CAM head. --no-heatmap writes the same model with only "
+                   "`probabilities`: the baseline that `edge-bench --reference nohead=...` uses to measure "
+                   "what the head costs. It cannot be combined with --report.")
 @click.option("--equalise/--no-equalise", default=True, show_default=True,
               help="Rescale the channels inside depthwise-separable convolutions (Xception) before int8 "
                    "quantization: same float function, less int8 rounding where channel ranges differ widely. No "
@@ -107,7 +111,7 @@ def _summary(result) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
          pipeline: str | None, input_size: int | None, target_layer: str | None, num_calibration: int,
-         also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, equalise: bool,
+         also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
          name: str | None, as_json: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from convert import calibration, normalisation
@@ -122,6 +126,8 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
             normalisation.parse(preprocess)
         except ValueError as exc:
             _fail(f"--preprocess: {exc}", EXIT_USAGE, as_json)
+    if report_dir is not None and not gradcam:
+        _fail("--report compares heatmaps, so it needs the Grad-CAM head (drop --no-heatmap)", EXIT_USAGE, as_json)
     if not model.exists():
         _fail(f"{model}: no such model file or directory", EXIT_INPUT, as_json)
     for folder in (calibration_dir, heldout_dir):
@@ -138,7 +144,7 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
         result = convert_model(model, calibration_dir=calibration_dir, out=out, labels=label_list,
                                preprocess=preprocess, input_size=input_size, target_layer=target_layer,
                                num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
-                               heldout_dir=heldout_dir, name=name, pipeline=pipeline, equalise=equalise,
+                               heldout_dir=heldout_dir, name=name, pipeline=pipeline, gradcam=gradcam, equalise=equalise,
                                progress=not as_json, log=say)
     except OSError as exc:
         _fail(str(exc), EXIT_INPUT, as_json)

@@ -145,6 +145,23 @@ def test_legacy_h5_with_labels_and_logits_head(calib_dir: Path, tmp_path: Path):
     assert spec.metadata["source"]["format"] == "h5"
 
 
+def test_no_heatmap_variant_for_measuring_the_head(model_file: Path, calib_dir: Path, tmp_path: Path):
+    """--no-heatmap: same model, only `probabilities` (what edge-bench compares the head against)."""
+    out = tmp_path / "nohead.tflite"
+    result = invoke(model_file, "--calibration", calib_dir, "--out", out, "--preprocess", "tf", "--no-heatmap",
+                    "--num-calibration", 4)
+    assert result.exit_code == 0, result.output
+    spec = read_spec(out.read_bytes())
+    assert list(spec.metadata["outputs"]) == ["probabilities"] and spec.metadata["gradcam"] is None
+    from edge import Classifier
+
+    classified = Classifier(out).classify(np.zeros((40, 40), np.uint8))
+    assert classified.heatmap is None and abs(sum(classified.probabilities.values()) - 1.0) < 0.02
+    result = invoke(model_file, "--calibration", calib_dir, "--out", tmp_path / "x.tflite", "--preprocess", "tf",
+                    "--no-heatmap", "--report", tmp_path / "report")
+    assert result.exit_code == 2 and "needs the Grad-CAM head" in _error(result)
+
+
 def test_calibration_selection_is_balanced_deterministic_and_skips_bad_files(calib_dir: Path, tmp_path: Path):
     kwargs = dict(size=32, channels=1, pipeline="mri-crop-v1")
     first = calibration.load_calibration(calib_dir, count=10, seed=4, **kwargs)

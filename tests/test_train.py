@@ -97,7 +97,8 @@ def test_class_weights_and_split_are_balanced() -> None:
 
 
 def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
-    """Both phases run on finite cached activations and the saved model is a whole Xception classifier."""
+    """Phases 1-2 run on finite cached activations, phase 3 on live images through the whole unfrozen base
+    (BatchNorm statistics untouched), and the saved model is a whole Xception classifier."""
     import csv
 
     from convert.train_cli import main as train_main
@@ -105,12 +106,21 @@ def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
     out = tmp_path / "x.keras"
     res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--weights", "none", "--out", str(out),
                                           "--input-size", "71", "--epochs", "1", "--fine-tune-epochs", "1",
-                                          "--feature-copies", "1", "--batch-size", "8", "--val-fraction", "0.25"])
+                                          "--full-epochs", "1", "--feature-copies", "1", "--batch-size", "8",
+                                          "--val-fraction", "0.25"])
     assert res.exit_code == 0, res.output
     run_dir = tmp_path / "x_run"
-    for log in ("phase1_log.csv", "phase2_log.csv"):
+    for log in ("phase1_log.csv", "phase2_log.csv", "phase3_log.csv"):
         rows = list(csv.DictReader((run_dir / log).open()))
         assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"])), rows
     with zipfile.ZipFile(out) as zf:
         carried = json.loads(zf.read("edge_mri.json"))
     assert (carried["name"], carried["channels"], carried["input_size"]) == ("xception", 3, 71)
+    import keras
+
+    from convert.keras_io import load_model
+
+    model, _ = load_model(out)
+    norms = [layer for layer in model.get_layer("xception").layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(np.all(l.moving_mean.numpy() == 0) and np.all(l.moving_variance.numpy() == 1) for l in norms)

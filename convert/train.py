@@ -149,13 +149,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
 
     model = custom_cnn(cfg.input_size, 1, len(train.labels))
     if cfg.init is not None:
-        from convert.keras_io import load_model
-
-        start, carried = load_model(cfg.init)
-        if carried is None or carried.get("input_size") != cfg.input_size or carried.get("labels") != train.labels:
-            raise click.BadParameter(f"{cfg.init}: not an edge-train custom-cnn model with input size "
-                                     f"{cfg.input_size} and labels {train.labels}", param_hint="--init")
-        model.set_weights(start.get_weights())
+        _load_start(model, cfg, train.labels)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
     _compile(model, cfg.lr, steps, cfg.epochs)
     hist = model.fit(
@@ -250,6 +244,11 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
     from convert.architectures import xception
 
     model, base = xception(cfg.input_size, len(train.labels), cfg.weights)
+    if cfg.init is not None:
+        _load_start(model, cfg, train.labels)
+        history = _fine_tune_whole(cfg, model, base, train, val, run_dir)
+        val_acc = float(model.evaluate(_plain_batches(val.x, val.y, 64, len(train.labels)), verbose=0)[1])
+        return model, history, val_acc
     cut = base.get_layer(XCEPTION_CUT).input
     run_batch = _tflite_runner(keras.Model(base.input, cut, name="xception_lower"), 3)
     upper_base = keras.Model(cut, base.output, name="xception_upper")
@@ -297,6 +296,27 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
     else:
         val_acc = float(top.evaluate(ds(f_val, val.y, False), verbose=0)[1])
     return model, _merge(histories), val_acc
+
+
+def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:
+    """Start from ``cfg.init``: an edge-train model of the same architecture, size and labels, or the
+    ``phase3_best.weights.h5`` checkpoint of an interrupted run (a long CPU run can span sessions)."""
+    from convert.keras_io import load_model
+
+    hint = f"{cfg.init}: not an edge-train {cfg.arch} model (or its checkpoint) with input size {cfg.input_size}"
+    if cfg.init.suffix == ".keras":
+        start, carried = load_model(cfg.init)
+        if carried is None or carried.get("input_size") != cfg.input_size or carried.get("labels") != labels:
+            raise click.BadParameter(f"{hint} and labels {labels}", param_hint="--init")
+        if len(start.get_weights()) != len(model.get_weights()):
+            raise click.BadParameter(hint, param_hint="--init")
+        model.set_weights(start.get_weights())
+        return
+    try:
+        model.load_weights(str(cfg.init))
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(f"{hint} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                                 param_hint="--init") from None
 
 
 def _fine_tune_whole(cfg: TrainConfig, model, base, train: FolderData, val: FolderData, run_dir: Path) -> dict:

@@ -34,8 +34,9 @@ import click
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache prepared images here (.npz) to skip decoding on the next run.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="custom-cnn only: start from this edge-train model's weights (a low-learning-rate second "
-                   "stage when validation accuracy was still rising at the end of the first).")
+              help="Start from this edge-train model (.keras) or an earlier run's checkpoint (.weights.h5) of "
+                   "the same architecture and size: a second stage when validation accuracy was still rising. "
+                   "xception: skips phases 1-2 and continues phase 3 (needs --full-epochs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, fine_tune_epochs: int,
          full_epochs: int, batch_size: int, lr: float, val_fraction: float, patience: int, weights: str | None,
@@ -63,8 +64,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         raise click.UsageError("--arch xception needs --weights imagenet|PATH|none")
     if full_epochs and arch != "xception":
         raise click.UsageError("--full-epochs applies to --arch xception only")
-    if init is not None and arch != "custom-cnn":
-        raise click.UsageError("--init applies to --arch custom-cnn only")
+    if init is not None and arch == "xception" and not full_epochs:
+        raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
     w = None if weights in (None, "none") else weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise click.BadParameter(f"{w}: no such weights file", param_hint="--weights")

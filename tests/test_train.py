@@ -120,6 +120,18 @@ def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
 
     from convert.keras_io import load_model
 
+    # An interrupted run continues phase 3 from its checkpoint (a long CPU run can span sessions).
+    again = tmp_path / "again.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--weights", "none", "--out", str(again),
+                                          "--input-size", "71", "--full-epochs", "1", "--batch-size", "8",
+                                          "--val-fraction", "0.25", "--init", str(run_dir / "phase3_best.weights.h5")])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "again_run" / "phase1_log.csv").exists()
+    assert len(list(csv.DictReader((tmp_path / "again_run" / "phase3_log.csv").open()))) == 1
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--weights", "none", "--out", str(again),
+                                          "--input-size", "71", "--init", str(run_dir / "phase3_best.weights.h5")])
+    assert res.exit_code == 2 and "give --full-epochs" in res.output
+
     model, _ = load_model(out)
     norms = [layer for layer in model.get_layer("xception").layers
              if isinstance(layer, keras.layers.BatchNormalization)]

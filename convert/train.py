@@ -328,9 +328,9 @@ def _fine_tune_whole(cfg: TrainConfig, model, base, train: FolderData, val: Fold
     """
     import keras
 
+    base.trainable = True  # a container's setter reaches every sub-layer, so BatchNorm is frozen after it
     for layer in base.layers:
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    base.trainable = True
     num = len(train.labels)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
     _compile(model, cfg.lr / 10, steps, cfg.full_epochs)

@@ -387,8 +387,9 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     calibration folder of hand-picked images, and keeping sensitive parts float with builtin kernels:
     ``float_ops`` (TFLite op types such as ``"DEPTHWISE_CONV_2D"``) or ``float_layers`` (Keras layer
     names). Before any of that, ``equalise`` (on by default) rescales the channels between the two halves
-    of every depthwise-separable convolution (`convert.equalise`): the float function is unchanged, the
-    int8 one loses far less; it does nothing to a model without ``SeparableConv2D`` layers. The choices
+    of every depthwise-separable convolution (`convert.equalise`): the float function is unchanged, and
+    int8 rounds less where channel ranges differ widely; it does nothing to a model without
+    ``SeparableConv2D`` layers. The choices
     are recorded in the metadata's converter settings.
 
     Raises ValueError (bad settings, an unsupported head, a non-builtin op) or OSError (a model, folder or

@@ -58,31 +58,44 @@ def separable_layers(model: Any) -> list[Any]:
     return found
 
 
-def _probe_inputs(container: Any, x: np.ndarray, out: dict[str, np.ndarray]) -> None:
-    """Fill ``out[layer.name]`` with the input each separable layer of ``container`` sees for batch ``x``.
+def _probe(container: Any) -> tuple[Any, list[Any]] | None:
+    """A model from ``container``'s input to the inputs of its separable layers and nested models, with
+    those layers in the same order; None when it has neither.
 
-    A nested model is a node of its parent's graph, so its input is probed in the parent first and then
-    fed to a probe of its own graph. The container's own nodes are used (not ``layer.input``), because a
-    nested model's first node is the one of its own graph, not its call in the parent.
+    The container's own nodes are used (not ``layer.input``), because a nested model's first node is the
+    one of its own graph, not its call in the parent.
     """
     graph = getattr(container, "_functional", container)  # a Sequential keeps its graph in a Functional
     nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True)
              for node in graph._nodes_by_depth[depth]
              if isinstance(node.operation, (keras.layers.SeparableConv2D, keras.Model))]
     if not nodes:
-        return
+        return None
     for node in nodes:
         if len(node.input_tensors) != 1:
             raise ValueError(f"{node.operation.name} takes {len(node.input_tensors)} inputs; cannot probe it")
     if len(graph.inputs) != 1:
         raise ValueError(f"{container.name} takes {len(graph.inputs)} inputs; cannot probe it")
-    probe = keras.Model(graph.inputs[0], [node.input_tensors[0] for node in nodes])
+    return keras.Model(graph.inputs[0], [node.input_tensors[0] for node in nodes]), [n.operation for n in nodes]
+
+
+def _probe_inputs(container: Any, x: np.ndarray, out: dict[str, np.ndarray], probes: dict[int, Any]) -> None:
+    """Fill ``out[layer.name]`` with the input each separable layer of ``container`` sees for batch ``x``.
+
+    A nested model is a node of its parent's graph, so its input is probed in the parent first and then
+    fed to a probe of its own graph. ``probes`` keeps each container's probe across batches.
+    """
+    if id(container) not in probes:
+        probes[id(container)] = _probe(container)
+    if probes[id(container)] is None:
+        return
+    probe, layers = probes[id(container)]
     values = probe(x, training=False)
-    if len(nodes) == 1:
+    if len(layers) == 1:
         values = [values]
-    for layer, value in zip((node.operation for node in nodes), values):
+    for layer, value in zip(layers, values):
         if isinstance(layer, keras.Model):
-            _probe_inputs(layer, np.asarray(value), out)
+            _probe_inputs(layer, np.asarray(value), out, probes)
         else:
             out[layer.name] = np.asarray(value)
 
@@ -102,9 +115,10 @@ def activation_ranges(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
         if layer.data_format != "channels_last":
             raise ValueError(f"{layer.name}: only channels_last separable convolutions can be equalised")
     ranges: dict[str, np.ndarray] = {}
+    probes: dict[int, Any] = {}
     for start in range(0, len(images), PROBE_BATCH):
         inputs: dict[str, np.ndarray] = {}
-        _probe_inputs(model, np.asarray(images[start:start + PROBE_BATCH], np.float32), inputs)
+        _probe_inputs(model, np.asarray(images[start:start + PROBE_BATCH], np.float32), inputs, probes)
         for layer in layers:
             peak = tf.reduce_max(tf.abs(_depthwise(layer, inputs[layer.name])), axis=(0, 1, 2)).numpy()
             ranges[layer.name] = np.maximum(ranges.get(layer.name, peak), peak)

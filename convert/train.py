@@ -90,6 +90,11 @@ def _plain_batches(x: np.ndarray, y: np.ndarray, batch: int, num_classes: int):
     return ds.map(lambda a, b: (normalise(tf.cast(a, tf.float32), norm), tf.one_hot(b, num_classes))).prefetch(2)
 
 
+def _val_accuracy(model, val: FolderData) -> float:
+    """Accuracy on the clean (un-augmented) validation images, the figure models are chosen by."""
+    return float(model.evaluate(_plain_batches(val.x, val.y, 64, len(val.labels)), verbose=0)[1])
+
+
 class _EpochBar:
     """A click progress bar over epochs (Keras's own per-step bar is noise in a log file)."""
 
@@ -158,8 +163,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
         epochs=cfg.epochs, class_weight=class_weights(train.y, len(train.labels)), verbose=0,
         callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs", cfg.epochs, ""),
     )
-    val_acc = float(model.evaluate(_plain_batches(val.x, val.y, 64, len(train.labels)), verbose=0)[1])
-    return model, hist.history, val_acc
+    return model, hist.history, _val_accuracy(model, val)
 
 
 #: Xception is cut where block 14 starts: everything below is frozen (features cached), block 14 and the
@@ -246,9 +250,7 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
     model, base = xception(cfg.input_size, len(train.labels), cfg.weights)
     if cfg.init is not None:
         _load_start(model, cfg, train.labels)
-        history = _fine_tune_whole(cfg, model, base, train, val, run_dir)
-        val_acc = float(model.evaluate(_plain_batches(val.x, val.y, 64, len(train.labels)), verbose=0)[1])
-        return model, history, val_acc
+        return model, _fine_tune_whole(cfg, model, base, train, val, run_dir), _val_accuracy(model, val)
     cut = base.get_layer(XCEPTION_CUT).input
     run_batch = _tflite_runner(keras.Model(base.input, cut, name="xception_lower"), 3)
     upper_base = keras.Model(cut, base.output, name="xception_upper")
@@ -292,7 +294,7 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
         histories.append(h2.history)
     if cfg.full_epochs > 0:
         histories.append(_fine_tune_whole(cfg, model, base, train, val, run_dir))
-        val_acc = float(model.evaluate(_plain_batches(val.x, val.y, 64, num), verbose=0)[1])
+        val_acc = _val_accuracy(model, val)
     else:
         val_acc = float(top.evaluate(ds(f_val, val.y, False), verbose=0)[1])
     return model, _merge(histories), val_acc

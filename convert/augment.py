@@ -3,36 +3,66 @@
 Geometry (rotation +-15 deg, shifts, zoom, horizontal flip) covers patient positioning; brightness,
 contrast, gamma, blur and noise cover scanner gain, sequence and reconstruction differences. These
 generalise to unseen hospitals, unlike tricks that only lift the in-distribution score.
+
+Everything is written with ``keras.ops`` so the same arithmetic serves a tf.data input pipeline (the
+CPU recipes) and layers inside a model on any Keras backend (JAX on a GPU machine, where augmenting in
+the model keeps the accelerator fed).
 """
 from __future__ import annotations
 
-import tensorflow as tf
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
 
 
-def build(seed: int) -> tf.keras.Sequential:
+def build(seed: int) -> keras.Sequential:
     """Random geometric transforms as Keras layers (active only when called with training=True)."""
-    import keras
+    layers = [
+        keras.layers.RandomRotation(15 / 360, fill_mode="constant", seed=seed),
+        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 2),
+        keras.layers.RandomFlip("horizontal", seed=seed + 3),
+    ]
+    if keras.backend.backend() == "jax":
+        # Keras marks the affine layers not XLA-safe for TensorFlow's sake (its projective-transform op
+        # has no XLA kernel); JAX's affine transform compiles, and an uncompiled JAX model runs op by op.
+        for layer in layers:
+            layer.supports_jit = True
+    return keras.Sequential(layers, name="augment")
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(15 / 360, fill_mode="constant", seed=seed),
-            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
-            keras.layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 2),
-            keras.layers.RandomFlip("horizontal", seed=seed + 3),
-        ],
-        name="augment",
-    )
 
+def intensity(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
+    """Per-image brightness, contrast, gamma, mild blur and Gaussian noise on 0..255 float pixels.
 
-def intensity(x: tf.Tensor) -> tf.Tensor:
-    """Per-image brightness, contrast, gamma, mild blur and Gaussian noise on 0..255 float pixels."""
-    b = tf.shape(x)[0]
-    u = lambda lo, hi: tf.random.uniform([b, 1, 1, 1], lo, hi)  # noqa: E731
-    y = x / 255.0
-    y = tf.pow(tf.clip_by_value(y, 0.0, 1.0), tf.exp(u(-0.35, 0.35)))
-    mean = tf.reduce_mean(y, axis=[1, 2, 3], keepdims=True)
+    ``uniform(shape, low, high)`` and ``normal(shape)`` supply the random numbers: TensorFlow's random
+    ops inside tf.data, ``keras.random`` with a seed generator inside a model.
+    """
+    b = ops.shape(x)[0]
+    u = lambda lo, hi: uniform((b, 1, 1, 1), lo, hi)  # noqa: E731
+    y = ops.power(ops.clip(x / 255.0, 0.0, 1.0), ops.exp(u(-0.35, 0.35)))
+    mean = ops.mean(y, axis=(1, 2, 3), keepdims=True)
     y = (y - mean) * u(0.75, 1.3) + mean + u(-0.08, 0.08)
-    blur = tf.nn.avg_pool2d(y, 3, 1, "SAME")
-    y = tf.where(u(0, 1) < 0.2, blur, y)
-    y = y + tf.random.normal(tf.shape(y)) * u(0.0, 0.03)
-    return tf.clip_by_value(y, 0.0, 1.0) * 255.0
+    blur = ops.average_pool(y, 3, 1, "same")
+    y = ops.where(u(0.0, 1.0) < 0.2, blur, y)
+    y = y + normal(ops.shape(y)) * u(0.0, 0.03)
+    return ops.clip(y, 0.0, 1.0) * 255.0
+
+
+class Intensity(keras.layers.Layer):
+    """:func:`intensity` as a layer: random per image in training, the identity at inference."""
+
+    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        if not training:
+            return x
+        return intensity(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
+                         lambda s: keras.random.normal(s, seed=self.generator))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "seed": self.seed}

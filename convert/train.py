@@ -1,11 +1,14 @@
 """Training recipes for the shipped models, written for a 2-core CPU box (a GPU only makes them faster).
 
 The custom CNN trains end to end on in-memory prepared images. Xception trains in up to three phases:
-(1) the ImageNet base frozen, only the head learns; (2) block 14 unfrozen at a low learning rate -- both
-on cached activations of the frozen layers below block 14, computed once (with TFLite's XNNPACK kernels)
-for a few augmented copies of every training image, which turns hours of CPU into minutes; (3) optionally
-the whole base unfrozen on live-augmented images, the step that takes a transferred network from ~86%
-to the high nineties on this data, and the expensive one (about 19 min per epoch at 150 px on 2 CPU cores).
+(1) the ImageNet base frozen, only the head learns; (2) block 14 unfrozen at a low learning rate -- both,
+under TensorFlow, on cached activations of the frozen layers below block 14, computed once (with TFLite's
+XNNPACK kernels) for a few augmented copies of every training image, which turns hours of CPU into
+minutes; (3) optionally the whole base unfrozen on live-augmented images, the step that takes a
+transferred network from ~86% to the high nineties on this data, and the expensive one (about 19 min per
+epoch at 150 px on 2 CPU cores). Under another Keras backend (``KERAS_BACKEND=jax`` on a GPU machine,
+which has no TensorFlow) there is no TFLite to cache with, and no need: every phase trains on live
+images, augmented inside the model so the accelerator does that work too.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def _augmented_batches(x: np.ndarray, y: np.ndarray, batch: int, seed: int, num_
 
     def aug(xb, yb):
         xb = tf.cast(xb, tf.float32)
-        xb = augment.intensity(geo(xb, training=True))
+        xb = augment.intensity(geo(xb, training=True), tf.random.uniform, tf.random.normal)
         return normalise(xb, norm), tf.one_hot(yb, num_classes)
 
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(x.shape[0], seed=seed, reshuffle_each_iteration=True)
@@ -92,7 +95,12 @@ def _plain_batches(x: np.ndarray, y: np.ndarray, batch: int, num_classes: int):
 
 def _val_accuracy(model, val: FolderData) -> float:
     """Accuracy on the clean (un-augmented) validation images, the figure models are chosen by."""
-    return float(model.evaluate(_plain_batches(val.x, val.y, 64, len(val.labels)), verbose=0)[1])
+    x = normalise(val.x.astype(np.float32), parse_norm(PREPROCESS, val.x.shape[-1]))
+    return float(np.mean(np.argmax(model.predict(x, batch_size=64, verbose=0), axis=1) == val.y))
+
+
+def _one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[y]
 
 
 class _EpochBar:
@@ -118,13 +126,35 @@ class _EpochBar:
         return Bar()
 
 
-def _callbacks(cfg: TrainConfig, run_dir: Path, label: str, epochs: int, prefix: str):
+class _BestWeights:
+    """Save ``inner``'s weights whenever validation loss improves.
+
+    Keras's ModelCheckpoint saves the model being fitted; here that is often a wrapper (augmentation
+    layers around the real model), and the checkpoint must load back into the real model (``--init``).
+    """
+
+    def __new__(cls, inner, path: Path):
+        import keras
+
+        class Saver(keras.callbacks.Callback):
+            best = float("inf")
+
+            def on_epoch_end(self, epoch, logs=None):
+                loss = (logs or {}).get("val_loss", float("inf"))
+                if loss < self.best:
+                    self.best = loss
+                    _ = self.model  # under JAX this property syncs the trained state into the variables
+                    inner.save_weights(str(path))
+
+        return Saver()
+
+
+def _callbacks(cfg: TrainConfig, run_dir: Path, label: str, epochs: int, prefix: str, inner):
     import keras
 
     return [
         keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(str(run_dir / f"{prefix}best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
+        _BestWeights(inner, run_dir / f"{prefix}best.weights.h5"),
         keras.callbacks.CSVLogger(str(run_dir / f"{prefix}log.csv")),
         _EpochBar(epochs, label),
     ]
@@ -144,8 +174,9 @@ def _compile(model, lr: float, steps: int, epochs: int) -> None:
     sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps * epochs), alpha=0.05)
     model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=1e-4),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.05), metrics=["accuracy"],
-                  # XLA on CPU trained this model 2x slower than TensorFlow's oneDNN kernels (measured).
-                  jit_compile=False)
+                  # TensorFlow: XLA on CPU trained 2x slower than the oneDNN kernels (measured). JAX has
+                  # no other way to run fast than compiled.
+                  jit_compile=keras.backend.backend() != "tensorflow")
 
 
 def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: Path):
@@ -161,7 +192,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
         _augmented_batches(train.x, train.y, cfg.batch_size, cfg.seed, len(train.labels)),
         validation_data=_plain_batches(val.x, val.y, 64, len(train.labels)),
         epochs=cfg.epochs, class_weight=class_weights(train.y, len(train.labels)), verbose=0,
-        callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs", cfg.epochs, ""),
+        callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs", cfg.epochs, "", model),
     )
     return model, hist.history, _val_accuracy(model, val)
 
@@ -228,7 +259,7 @@ def _cache_features(run_batch, x: np.ndarray, copies: int, augmented: bool, seed
             for i in range(0, x.shape[0], 32):
                 xb = tf.cast(x[i:i + 32], tf.float32)
                 if augmented:
-                    xb = augment.intensity(geo(xb, training=True))
+                    xb = augment.intensity(geo(xb, training=True), tf.random.uniform, tf.random.normal)
                 feats.append(run_batch(xb.numpy()))
                 bar.update(1)
             out.append(np.concatenate(feats))
@@ -236,21 +267,37 @@ def _cache_features(run_batch, x: np.ndarray, copies: int, augmented: bool, seed
 
 
 def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: Path):
-    """Two-phase transfer learning on cached activations of the frozen base; returns model and history.
+    """Transfer learning in up to three phases; returns model, history and validation accuracy.
 
     Phase 1 trains only the head with the whole base frozen; phase 2 unfreezes block 14 (BatchNorm
-    statistics stay frozen) at lr/20. Augmentation is limited to ``feature_copies`` augmented passes
-    whose activations are cached, the price of training on two CPU cores.
+    frozen) at lr/20; phase 3 (``full_epochs``) the whole base at lr/10. ``--init`` resumes phase 3.
     """
     import keras
-    import tensorflow as tf
 
     from convert.architectures import xception
 
     model, base = xception(cfg.input_size, len(train.labels), cfg.weights)
+    histories = []
     if cfg.init is not None:
         _load_start(model, cfg, train.labels)
-        return model, _fine_tune_whole(cfg, model, base, train, val, run_dir), _val_accuracy(model, val)
+    elif keras.backend.backend() == "tensorflow":
+        histories.extend(_cached_phases(cfg, model, base, train, val, run_dir))
+    else:
+        histories.extend(_live_phases(cfg, model, base, train, val, run_dir))
+    if cfg.full_epochs > 0:
+        histories.append(_fine_tune_whole(cfg, model, base, train, val, run_dir))
+    return model, _merge(histories), _val_accuracy(model, val)
+
+
+def _cached_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderData, run_dir: Path) -> list[dict]:
+    """Phases 1-2 on cached activations of the frozen layers below block 14 (the 2-core CPU economy).
+
+    Augmentation is limited to ``feature_copies`` augmented passes whose activations are cached.
+    The top shares its layers with ``model``, so training it trains the model.
+    """
+    import keras
+    import tensorflow as tf
+
     cut = base.get_layer(XCEPTION_CUT).input
     run_batch = _tflite_runner(keras.Model(base.input, cut, name="xception_lower"), 3)
     upper_base = keras.Model(cut, base.output, name="xception_upper")
@@ -280,7 +327,7 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
     _compile(top, cfg.lr, steps, cfg.epochs)
     h1 = top.fit(ds(ftr, ytr, True), validation_data=ds(f_val, val.y, False), epochs=cfg.epochs,
                  class_weight=cw, verbose=0,
-                 callbacks=_callbacks(cfg, run_dir, "xception phase 1 (frozen base)", cfg.epochs, "phase1_"))
+                 callbacks=_callbacks(cfg, run_dir, "xception phase 1 (frozen base)", cfg.epochs, "phase1_", top))
     histories.append(h1.history)
     if cfg.fine_tune_epochs > 0:
         for layer in upper_base.layers:
@@ -290,14 +337,52 @@ def train_xception(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir
         h2 = top.fit(ds(ftr, ytr, True), validation_data=ds(f_val, val.y, False), epochs=cfg.fine_tune_epochs,
                      class_weight=cw, verbose=0,
                      callbacks=_callbacks(cfg, run_dir, "xception phase 2 (block 14)", cfg.fine_tune_epochs,
-                                          "phase2_"))
+                                          "phase2_", top))
         histories.append(h2.history)
-    if cfg.full_epochs > 0:
-        histories.append(_fine_tune_whole(cfg, model, base, train, val, run_dir))
-        val_acc = _val_accuracy(model, val)
-    else:
-        val_acc = float(top.evaluate(ds(f_val, val.y, False), verbose=0)[1])
-    return model, _merge(histories), val_acc
+    return histories
+
+
+def _augmenting(model, seed: int):
+    """``model`` behind augmentation and normalisation layers: what phases on live images fit.
+
+    The random layers act only in training, so validation through the wrapper sees clean images; the
+    wrapper shares ``model``'s variables and is never saved.
+    """
+    import keras
+
+    inp = keras.Input(model.input_shape[1:], name="pixels")
+    x = augment.Intensity(seed + 4, name="intensity")(augment.build(seed)(inp))
+    return keras.Model(inp, model(normalise(x, parse_norm(PREPROCESS, model.input_shape[-1]))), name="augmenting")
+
+
+def _fit_live(cfg: TrainConfig, model, train: FolderData, val: FolderData, run_dir: Path, lr: float,
+              epochs: int, label: str, prefix: str) -> dict:
+    """Fit ``model`` on live-augmented images for ``epochs`` at peak ``lr``; returns the history."""
+    num = len(train.labels)
+    wrapper = _augmenting(model, cfg.seed)
+    _compile(wrapper, lr, int(np.ceil(train.y.size / cfg.batch_size)), epochs)
+    hist = wrapper.fit(train.x, _one_hot(train.y, num), batch_size=cfg.batch_size, epochs=epochs, shuffle=True,
+                       validation_data=(val.x, _one_hot(val.y, num)), class_weight=class_weights(train.y, num),
+                       verbose=0, callbacks=_callbacks(cfg, run_dir, label, epochs, prefix, model))
+    return hist.history
+
+
+def _live_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderData, run_dir: Path) -> list[dict]:
+    """Phases 1-2 on live images (backends without TFLite to cache features with, e.g. JAX on a GPU)."""
+    import keras
+
+    base.trainable = False
+    histories = [_fit_live(cfg, model, train, val, run_dir, cfg.lr, cfg.epochs, "xception phase 1 (frozen base)",
+                           "phase1_")]
+    if cfg.fine_tune_epochs > 0:
+        base.trainable = True
+        names = [layer.name for layer in base.layers]
+        first = names.index(XCEPTION_CUT)
+        for i, layer in enumerate(base.layers):
+            layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        histories.append(_fit_live(cfg, model, train, val, run_dir, cfg.lr / 20, cfg.fine_tune_epochs,
+                                   "xception phase 2 (block 14)", "phase2_"))
+    return histories
 
 
 def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:
@@ -333,15 +418,8 @@ def _fine_tune_whole(cfg: TrainConfig, model, base, train: FolderData, val: Fold
     base.trainable = True  # a container's setter reaches every sub-layer, so BatchNorm is frozen after it
     for layer in base.layers:
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    num = len(train.labels)
-    steps = int(np.ceil(train.y.size / cfg.batch_size))
-    _compile(model, cfg.lr / 10, steps, cfg.full_epochs)
-    hist = model.fit(
-        _augmented_batches(train.x, train.y, cfg.batch_size, cfg.seed, num),
-        validation_data=_plain_batches(val.x, val.y, 64, num), epochs=cfg.full_epochs,
-        class_weight=class_weights(train.y, num), verbose=0,
-        callbacks=_callbacks(cfg, run_dir, "xception phase 3 (whole base)", cfg.full_epochs, "phase3_"))
-    return hist.history
+    return _fit_live(cfg, model, train, val, run_dir, cfg.lr / 10, cfg.full_epochs, "xception phase 3 (whole base)",
+                     "phase3_")
 
 
 def run(cfg: TrainConfig) -> dict:

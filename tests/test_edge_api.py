@@ -142,6 +142,19 @@ def test_bundled_registry_lists_the_default_model(bundled_model: Path):
     assert bundled_model.with_suffix(".md").is_file(), "every bundled model ships a model card"
 
 
+@pytest.mark.parametrize("info", list_models(), ids=lambda info: info.name)
+def test_every_bundled_model_has_a_card_and_classifies_the_samples(info) -> None:
+    """Each shipped model (custom-cnn and xception) gets the eight real sample scans right, with a heatmap."""
+    assert info.card is not None and info.labels == LABELS
+    samples = sorted((Path(__file__).resolve().parent.parent / "edge" / "samples").glob("*.jpg"))
+    clf = Classifier(info.path, threads=2)
+    results = [clf.classify(path) for path in samples]
+    assert [r.label for r in results] == [path.stem.rsplit("_", 1)[0] for path in samples]
+    for r in results:
+        assert r.heatmap.shape == (info.input_size, info.input_size)
+        assert r.heatmap.min() >= 0 and r.heatmap.max() == pytest.approx(1.0, abs=1e-3)
+
+
 # --- Classifier --------------------------------------------------------------------------------------
 
 def test_classify_result_fields(clf: Classifier, scan_png: Path, tiny_model_path: Path):

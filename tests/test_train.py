@@ -136,3 +136,47 @@ def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
     norms = [layer for layer in model.get_layer("xception").layers
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(np.all(l.moving_mean.numpy() == 0) and np.all(l.moving_variance.numpy() == 1) for l in norms)
+
+
+def test_live_phases_train_what_each_phase_unfreezes(tmp_path: Path) -> None:
+    """The accelerator recipe (no feature cache): phase 1 moves only the head, phase 2 block 14 too, and
+    neither touches the entry flow or BatchNorm statistics; the checkpoint loads back into the model."""
+    from convert import train
+    from convert.architectures import xception
+    from convert.dataset import load_folder, stratified_split
+
+    data = load_folder(SAMPLE, 71, 3, train.PIPELINE)
+    tr, va = stratified_split(data.y, 0.25, seed=0)
+    cfg = train.TrainConfig(arch="xception", data=SAMPLE, out=tmp_path / "x.keras", input_size=71, epochs=1,
+                            batch_size=8, fine_tune_epochs=1)
+    model, base = xception(71, len(LABELS), None)
+
+    def snapshot():
+        return {name: [w.copy() for w in model.get_layer(name).get_weights()] if name in ("predictions",)
+                else [w.copy() for w in base.get_layer(name).get_weights()]
+                for name in ("predictions", "block1_conv1", "block14_sepconv1", "block14_sepconv1_bn")}
+
+    def moved(a, b, name):
+        return any(not np.array_equal(x, y) for x, y in zip(a[name], b[name]))
+
+    before = snapshot()
+    histories = train._live_phases(cfg, model, base, train._subset(data, tr), train._subset(data, va), tmp_path)
+    after = snapshot()
+    assert len(histories) == 2 and all(np.isfinite(h["loss"]).all() for h in histories)
+    assert moved(before, after, "predictions") and moved(before, after, "block14_sepconv1")
+    assert not moved(before, after, "block1_conv1") and not moved(before, after, "block14_sepconv1_bn")
+    fresh, _ = xception(71, len(LABELS), None)
+    fresh.load_weights(str(tmp_path / "phase2_best.weights.h5"))
+    assert len(fresh.get_weights()) == len(model.get_weights())
+
+
+def test_intensity_augmentation_is_random_in_training_and_identity_at_inference() -> None:
+    from convert import augment
+
+    x = np.tile(np.linspace(0, 255, 32, dtype=np.float32)[None, :, None, None], (4, 1, 32, 3))
+    layer = augment.Intensity(seed=1)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255
+    assert not np.allclose(y, x, atol=1.0)
+    assert len({float(np.abs(y[i] - x[i]).mean()) for i in range(4)}) == 4, "one draw per image"

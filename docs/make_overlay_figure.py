@@ -1,6 +1,7 @@
-"""Rebuild docs/overlays.png, the README's picture, from the bundled model and sample scans.
+"""Rebuild docs/overlays.png, the README's picture, from a bundled model and the sample scans.
 
-    python docs/make_overlay_figure.py
+    python docs/make_overlay_figure.py              # the default model -> docs/overlays.png
+    python docs/make_overlay_figure.py xception     # -> docs/overlays_xception.png
 
 It runs the real runtime (`edge-classify --heatmap`) and tiles the overlay PNGs it writes, so the
 picture shows exactly what a clinic sees.
@@ -17,9 +18,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+def main(model: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "edge.cli", str(ROOT / "edge" / "samples"), "--heatmap", tmp],
+        chosen = ["--model", model] if model else []
+        subprocess.run([sys.executable, "-m", "edge.cli", str(ROOT / "edge" / "samples"), "--heatmap", tmp, *chosen],
                        check=True, cwd=ROOT)
         tiles = [Image.open(p).convert("RGB") for p in sorted(Path(tmp).glob("*.png"))]
     w, h = 240, int(240 * tiles[0].height / tiles[0].width)
@@ -28,8 +30,8 @@ def main() -> None:
     sheet = Image.new("RGB", (cols * w, rows * h), "black")
     for i, tile in enumerate(tiles):
         sheet.paste(tile.resize((w, h), Image.LANCZOS), ((i % cols) * w, (i // cols) * h))
-    sheet.save(ROOT / "docs" / "overlays.png", optimize=True)
+    sheet.save(ROOT / "docs" / (f"overlays_{model}.png" if model else "overlays.png"), optimize=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

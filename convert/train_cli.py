@@ -30,7 +30,8 @@ import click
 @click.option("--weights", default=None,
               help="xception only: 'imagenet', a path to the no-top weights .h5, or 'none'.")
 @click.option("--feature-copies", type=int, default=2, show_default=True,
-              help="xception only: augmented copies of each training image whose frozen-base activations are cached.")
+              help="xception on TensorFlow only: augmented copies of each training image whose frozen-base "
+                   "activations are cached for phases 1-2 (other backends train those phases on live images).")
 @click.option("--limit", type=int, default=None, help="Use at most N training images, class-balanced (smoke tests).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache prepared images here (.npz) to skip decoding on the next run.")

@@ -330,9 +330,7 @@ def _cached_phases(cfg: TrainConfig, model, base, train: FolderData, val: Folder
                  callbacks=_callbacks(cfg, run_dir, "xception phase 1 (frozen base)", cfg.epochs, "phase1_", top))
     histories.append(h1.history)
     if cfg.fine_tune_epochs > 0:
-        for layer in upper_base.layers:
-            # BatchNorm stays frozen: its statistics were estimated on ImageNet-sized batches.
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        _unfreeze(upper_base)
         _compile(top, cfg.lr / 20, steps, cfg.fine_tune_epochs)
         h2 = top.fit(ds(ftr, ytr, True), validation_data=ds(f_val, val.y, False), epochs=cfg.fine_tune_epochs,
                      class_weight=cw, verbose=0,
@@ -367,19 +365,27 @@ def _fit_live(cfg: TrainConfig, model, train: FolderData, val: FolderData, run_d
     return hist.history
 
 
-def _live_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderData, run_dir: Path) -> list[dict]:
-    """Phases 1-2 on live images (backends without TFLite to cache features with, e.g. JAX on a GPU)."""
+def _unfreeze(base, first: str | None = None) -> None:
+    """Make ``base``'s layers trainable from the layer named ``first`` on (all when None), BatchNorm excepted.
+
+    BatchNorm stays frozen (its ImageNet statistics beat what small batches would estimate). The container
+    flag is set first because its setter reaches every sub-layer.
+    """
     import keras
 
+    base.trainable = True
+    start = [layer.name for layer in base.layers].index(first) if first else 0
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _live_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderData, run_dir: Path) -> list[dict]:
+    """Phases 1-2 on live images (backends without TFLite to cache features with, e.g. JAX on a GPU)."""
     base.trainable = False
     histories = [_fit_live(cfg, model, train, val, run_dir, cfg.lr, cfg.epochs, "xception phase 1 (frozen base)",
                            "phase1_")]
     if cfg.fine_tune_epochs > 0:
-        base.trainable = True
-        names = [layer.name for layer in base.layers]
-        first = names.index(XCEPTION_CUT)
-        for i, layer in enumerate(base.layers):
-            layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        _unfreeze(base, XCEPTION_CUT)
         histories.append(_fit_live(cfg, model, train, val, run_dir, cfg.lr / 20, cfg.fine_tune_epochs,
                                    "xception phase 2 (block 14)", "phase2_"))
     return histories
@@ -413,11 +419,7 @@ def _fine_tune_whole(cfg: TrainConfig, model, base, train: FolderData, val: Fold
     its ImageNet statistics are better than what small CPU batches would estimate. Starts from the head
     that phases 1-2 trained, so the first large gradients do not wreck the pretrained filters.
     """
-    import keras
-
-    base.trainable = True  # a container's setter reaches every sub-layer, so BatchNorm is frozen after it
-    for layer in base.layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    _unfreeze(base)
     return _fit_live(cfg, model, train, val, run_dir, cfg.lr / 10, cfg.full_epochs, "xception phase 3 (whole base)",
                      "phase3_")
 

@@ -152,8 +152,7 @@ def test_live_phases_train_what_each_phase_unfreezes(tmp_path: Path) -> None:
     model, base = xception(71, len(LABELS), None)
 
     def snapshot():
-        return {name: [w.copy() for w in model.get_layer(name).get_weights()] if name in ("predictions",)
-                else [w.copy() for w in base.get_layer(name).get_weights()]
+        return {name: [w.copy() for w in (model if name == "predictions" else base).get_layer(name).get_weights()]
                 for name in ("predictions", "block1_conv1", "block14_sepconv1", "block14_sepconv1_bn")}
 
     def moved(a, b, name):

@@ -166,3 +166,26 @@ def heatmap_to_image(heatmap: np.ndarray, geometry: Geometry) -> np.ndarray:
     out = np.zeros(geometry.image_shape, np.float32)
     out[top:bottom, left:right] = canvas[oy:oy + bottom - top, ox:ox + right - left]
     return out
+
+
+def mask_to_model(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map an image-space mask [H, W] (any 0/nonzero or 0..1 map) into model space (float32 [size, size], 0..1).
+
+    The forward twin of :func:`heatmap_to_image`: crop to the head box, pad as :func:`pad_square` does,
+    resize to the model's size. A box filter (area average) rather than nearest neighbour keeps thin or
+    small lesions from vanishing: a model pixel gets the fraction of it that the mask covers. Training
+    (mask-guided losses, pasted lesions) and localisation metrics both need masks where the model looks.
+    """
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    m = (m > 0).astype(np.float32) if m.dtype != np.float32 or m.max() > 1 else m
+    if m.shape != tuple(geometry.image_shape):
+        m = np.asarray(Image.fromarray(m).resize(geometry.image_shape[::-1], Image.NEAREST))
+    top, left, bottom, right = geometry.box
+    crop = m[top:bottom, left:right]
+    canvas = np.zeros(geometry.canvas, np.float32)
+    oy, ox = geometry.offset
+    canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
+    out = Image.fromarray(canvas).resize((geometry.size, geometry.size), Image.BOX)
+    return np.clip(np.asarray(out, np.float32), 0.0, 1.0)

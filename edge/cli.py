@@ -21,6 +21,7 @@ import click
 
 from . import __version__
 from .backend import BACKENDS
+from .cli_common import NonEmptyPath, reject_empty
 from .decode import IMAGE_SUFFIXES
 from .errors import BackendError, EdgeError, InputError
 
@@ -249,7 +250,7 @@ class Emitter:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Report the N most probable labels (text: runners-up after the verdict; JSON: top_k).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of text.")
-@click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+@click.option("--heatmap", "heatmap_dir", type=NonEmptyPath(file_okay=False, path_type=Path), metavar="DIR",
               help=f"Write overlay PNGs (scan + heatmap + verdict) to DIR as NAME{OVERLAY_SUFFIX}.")
 @click.option("--frame", default="0", show_default=True, callback=_parse_frame, metavar="N|all",
               help="DICOM frame to classify, or 'all' for every frame of multi-frame files.")
@@ -261,9 +262,9 @@ class Emitter:
               metavar="SEC", help="Seconds between camera frames.")
 @click.option("--preview", is_flag=True, help="Show a camera preview window.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Stop after N camera frames.")
-@click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--watch", "watch_dir", type=NonEmptyPath(exists=True, file_okay=False, path_type=Path),
               metavar="DIR", help="Classify files as they appear in DIR (until Ctrl-C).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--out", "out_path", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="FILE",
               help="With --watch: append results to this JSON-lines file [default: results.jsonl].")
 @click.option("--once", is_flag=True, help="With --watch: classify what DIR holds now, then exit.")
 @click.option("--list-models", is_flag=True, help="List the bundled models and exit.")
@@ -320,6 +321,9 @@ _PATHS_ONLY = ("frame", "window", "keep_uids")
 def _check_modes(ctx: click.Context, paths: tuple[str, ...], camera: bool, watch_dir: Path | None,
                  list_models: bool) -> None:
     """One source of scans per run, and no option that would be silently ignored by it."""
+    reject_empty(paths, "a PATH")
+    if ctx.params.get("model") == "":
+        raise click.UsageError("--model is an empty string (an unset shell variable?); give a name or a path")
     modes = [name for name, on in (("PATH", bool(paths)), ("--camera", camera), ("--watch", watch_dir is not None),
                                    ("--list-models", list_models)) if on]
     if not modes:

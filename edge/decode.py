@@ -61,6 +61,9 @@ def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float,
     (centre, width) only matter for DICOM; other formats have a single image and no window.
     """
     name = describe(source)
+    if name == "" and isinstance(source, (str, os.PathLike)):
+        # Path("") is the current directory; an empty name is a caller's mistake, not a folder to read.
+        raise InputError("'': empty path (no file named)")
     try:
         if isinstance(source, np.ndarray):
             return [("", _check_array(_from_array(source)))]

@@ -70,6 +70,8 @@ def resolve(name_or_path: str | Path | None = None, directory: Path = MODELS_DIR
     directory separator or a ``.tflite`` suffix must be one.
     """
     asked = DEFAULT_MODEL if name_or_path is None else name_or_path
+    if isinstance(asked, str) and not asked.strip():
+        raise ModelError(f"{asked!r}: empty model name or path (an unset variable?)")
     path = Path(asked)
     if path.is_file():
         return path

@@ -207,6 +207,16 @@ def test_api_errors_are_input_errors(tiny_model_path: Path, source, message: str
     assert str(info.value).startswith(message)
 
 
+def test_an_empty_path_is_an_error_not_the_current_directory(tiny_model_path: Path):
+    from edge.classifier import Classifier
+    from edge.errors import InputError, ModelError
+
+    with pytest.raises(InputError, match=r"^'': empty path"):
+        Classifier(tiny_model_path).classify("")
+    with pytest.raises(ModelError, match="empty model name or path"):
+        Classifier("")
+
+
 def test_a_lazily_opened_truncated_pil_image_is_an_input_error(scan_png: Path, tmp_path: Path):
     cut = tmp_path / "cut.png"
     cut.write_bytes(scan_png.read_bytes()[:200])

@@ -177,6 +177,12 @@ def test_version_help_and_list_models(cli):
     (("--once", "a.png"), "--once only applies to --watch"),
     (("--backend", "onnx", "a.png"), "--backend"),
     (("--no-such-option",), "no-such-option"),
+    (("",), "a PATH is an empty string"),
+    (("a.png", ""), "a PATH is an empty string"),
+    (("--model", "", "a.png"), "--model is an empty string"),
+    (("--heatmap", "", "a.png"), "'--heatmap': the path is empty"),
+    (("--watch", ""), "'--watch': the path is empty"),
+    (("--watch", ".", "--out", ""), "'--out': the path is empty"),
 ])
 def test_usage_errors_are_one_line_exit_2(cli, args, message):
     result = cli(*args)

@@ -66,6 +66,9 @@ def _summary(result) -> list[str]:
         lines.append(f"equalised {equalised['layers']} separable convolutions (intermediate channel spread, "
                      f"median max/median: {equalised['median_spread_before']:.1f} -> "
                      f"{equalised['median_spread_after']:.1f})")
+    weights = result.metadata["weights"]
+    lines.append(f"weights checksum: sha256 {weights['sha256'][:16]}... over {weights['buffers']} buffers "
+                 f"({weights['bytes']:,} bytes), checked whenever the runtime loads the file")
     lines.append(f"ops: {', '.join(result.ops)}")
     lines.append(f"float ops: {', '.join(f'{k} x{n}' for k, n in result.float_ops.items()) or 'none'}")
     if result.fp32_out:

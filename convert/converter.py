@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from convert import calibration, equalise as equalisation, gradcam_head, keras_io, normalisation
 from convert.metadata import embed_metadata
-from edge.model_file import SCHEMA_VERSION
+from edge.model_file import SCHEMA_VERSION, read_spec
 from edge.preprocess import PIPELINES
 
 TOOL = "edge-convert"
@@ -80,7 +80,7 @@ class ConversionResult:
                 "target_layer": self.target_layer,
                 "feature_shape": list(self.feature_shape) if self.feature_shape else None,
                 "size_bytes": self.out.stat().st_size, "ops": self.ops, "float_ops": self.float_ops,
-                "calibration": self.calibration, "report": self.report,
+                "calibration": self.calibration, "weights": self.metadata.get("weights"), "report": self.report,
                 "report_files": [str(p) for p in self.report_files]}
 
 
@@ -450,7 +450,9 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
         say(f"note: these ops run in float in the int8 model: {', '.join(unexpected)}")
     metadata = build_metadata(settings, split=split, source=source, quantization="int8",
                               calibration_summary=summary, extra_settings=extra)
-    out.write_bytes(embed_metadata(int8, metadata))
+    int8_file = embed_metadata(int8, metadata)
+    metadata = read_spec(int8_file).metadata  # what the file carries, the weights checksum included
+    out.write_bytes(int8_file)
     fp32_out = None
     if fp32 is not None:
         check_builtin(fp32)

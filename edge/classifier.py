@@ -105,6 +105,7 @@ class Classifier:
         except ModelError as exc:
             raise ModelError(f"{self.path}: {exc}") from None
         self.threads = threads
+        self._failed: ModelError | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -210,6 +211,19 @@ class Classifier:
         self._runner = None if all((d["index"], d["name"]) in primary for d in wanted) else runner
 
     def _invoke(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the model once. A model that loads but cannot run is a :class:`ModelError`, not the scan's
+        fault; it is raised again without another invoke, because the interpreter's error reporter keeps
+        every earlier message and each new one would repeat them all."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._invoke_raw(tensor)
+        except (RuntimeError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self._failed = ModelError(f"{self.path}: the model loads but fails to run ({reason})")
+            raise self._failed from None
+
+    def _invoke_raw(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         if self._runner is not None:
             raw = self._runner(**{self._input_name: tensor})
             names = self.spec.output_names

@@ -23,7 +23,7 @@ from . import __version__
 from .backend import BACKENDS
 from .cli_common import NonEmptyPath, reject_empty
 from .decode import IMAGE_SUFFIXES
-from .errors import BackendError, EdgeError, InputError
+from .errors import BackendError, EdgeError, InputError, ModelError
 
 PROG = "edge-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -80,6 +80,10 @@ class _OneLineErrors(click.Command):
 
 def _error(message: str) -> None:
     click.echo(f"{PROG}: error: {message}", err=True)
+
+
+def _notice(message: str) -> None:
+    click.echo(f"{PROG}: notice: {message}", err=True)
 
 
 def _parse_frame(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
@@ -290,6 +294,9 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
     except EdgeError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    if not classifier.spec.weights_verified:
+        _notice(f"{classifier.path}: the model records no weights checksum (converted before edge-convert "
+                "wrote one), so a corrupted copy cannot be detected")
     if heatmap_dir is not None and not classifier.has_heatmap:
         _error(f"--heatmap: model {classifier.spec.name} has no heatmap output")
         return EXIT_USAGE
@@ -306,11 +313,11 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
 
             watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, emit=emit)
             return EXIT_SOME_FAILED if emit.failures else EXIT_OK
-    except EdgeError as exc:
+        return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
+                               frame=frame, window=window, keep_uids=keep_uids, emit=emit)
+    except EdgeError as exc:  # the model, backend or camera failed: not one input's fault, so the run stops
         _error(str(exc))
         return EXIT_USAGE
-    return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
-                           frame=frame, window=window, keep_uids=keep_uids, emit=emit)
 
 
 _CAMERA_ONLY = ("interval", "preview", "count")
@@ -389,6 +396,8 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
             try:
                 records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
                                          keep_uids=keep_uids and as_json)
+            except (ModelError, BackendError):
+                raise
             except EdgeError as exc:
                 _error(_name_item(item.display, exc))
                 failures += 1

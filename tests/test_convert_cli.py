@@ -22,7 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from convert import calibration  # noqa: E402
 from convert.convert_cli import main  # noqa: E402
-from edge.model_file import read_spec  # noqa: E402
+from edge.model_file import read_spec, weights_digest  # noqa: E402
 
 LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
 L = keras.layers
@@ -92,6 +92,7 @@ def test_converts_to_int8_with_readable_metadata(converted: dict, model_file: Pa
     # round-robin over the classes: glioma runs out after its two readable images
     assert conv["calibration"]["per_class"] == {"glioma": 2, "meningioma": 4, "notumor": 3, "pituitary": 3}
     assert meta["created"].endswith("Z")
+    assert spec.weights_verified and meta["weights"] == weights_digest(data) == converted["json"]["weights"]
 
     report = converted["json"]
     assert report["ok"] is True and report["calibration"]["skipped_files"][0].startswith("broken.jpg")
@@ -113,6 +114,9 @@ def test_fp32_twin_and_parity_report(converted: dict):
     fp32 = converted["dir"] / "tiny_fp32.tflite"
     spec = read_spec(fp32.read_bytes())
     assert spec.metadata["converter"]["quantization"] == "float32" and spec.labels == tuple(LABELS)
+    assert spec.weights_verified and spec.metadata["weights"] == weights_digest(fp32.read_bytes())
+    int8 = read_spec((converted["dir"] / "tiny.tflite").read_bytes()).metadata["weights"]
+    assert spec.metadata["weights"]["sha256"] != int8["sha256"], "each file records its own weights"
 
     report_dir = converted["dir"] / "report"
     parity = json.loads((report_dir / "parity.json").read_text())
@@ -140,6 +144,7 @@ def test_legacy_h5_with_labels_and_logits_head(calib_dir: Path, tmp_path: Path):
                     "--labels", "a,b,c,d", "--num-calibration", 4)
     assert result.exit_code == 0, result.output
     assert "labels: a, b, c, d" in result.stdout and "Grad-CAM target layer" in result.stdout
+    assert "weights checksum: sha256 " in result.stdout
     spec = read_spec((tmp_path / "m.tflite").read_bytes())
     assert spec.labels == ("a", "b", "c", "d") and spec.channels == 3 and spec.pipeline == "resize"
     assert spec.metadata["source"]["format"] == "h5"

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .errors import CameraError, InputError
+from .records import error_record, ok_record, utc_now
 
 PICAMERA2_MISSING = "picamera2 is not installed; `pip install edge-mri[camera]` on Raspberry Pi OS"
 OPENCV_MISSING = "OpenCV is not installed; `pip install edge-mri[webcam]` for USB webcams"
@@ -166,15 +167,15 @@ def run_camera(
     heatmap_dir: Path | None,
     emit: Callable[[dict], None],
     source: FrameSource | None = None,
+    top_k: int = 1,
 ) -> int:
-    """Capture a frame every `interval` seconds, classify it, and `emit` one dict per frame.
+    """Capture a frame every `interval` seconds, classify it, and `emit` one record per frame.
 
     Stops after `count` frames (None: until the source runs out or Ctrl-C) and returns how many frames were
-    processed. Each dict is the result's `to_dict()` with `source` set to 'camera:frame-0001' (numbered
-    from 1), a UTC `timestamp` of the capture and, with `heatmap_dir`, `heatmap`: the overlay PNG written
-    there (the key `edge-classify` uses for file overlays). A frame the classifier rejects is emitted with
-    `status: 'error'` and the loop goes on. The source (opened with `open_source('auto')` when None) is
-    closed on the way out.
+    processed. Each record is an `edge.records` record (docs/RECORDS.md): `source` is 'camera:frame-0001'
+    (numbered from 1), `time` the UTC capture time and, with `heatmap_dir`, `overlay` the PNG written
+    there. A frame the classifier rejects is an error record and the loop goes on. The source (opened
+    with `open_source('auto')` when None) is closed on the way out.
     """
     from .overlay import save_overlay
 
@@ -204,20 +205,19 @@ def run_camera(
                     break
             processed += 1
             name = f"frame-{processed:04d}"
-            stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            stamp = utc_now()
             if failure is None:
                 try:
                     result = classifier.classify(image)
                 except InputError as exc:
                     failure = exc
             if failure is not None:
-                emit({"source": f"camera:{name}", "timestamp": stamp, "status": "error", "error": str(failure)})
+                emit(error_record(f"camera:{name}", f"camera:{name}: {failure}", time=stamp))
                 continue
-            record = result.to_dict()
-            record.update(source=f"camera:{name}", timestamp=stamp, status="ok")
+            overlay = None
             if heatmap_dir is not None:
-                record["heatmap"] = str(save_overlay(result, heatmap_dir / f"camera-{session}-{name}.png"))
-            emit(record)
+                overlay = str(save_overlay(result, heatmap_dir / f"camera-{session}-{name}.png"))
+            emit(ok_record(result, top_k=top_k, source=f"camera:{name}", overlay=overlay, time=stamp))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a live session ends; what was emitted stands
     finally:

@@ -24,6 +24,7 @@ from .backend import BACKENDS
 from .cli_common import NonEmptyPath, reject_empty
 from .decode import IMAGE_SUFFIXES
 from .errors import BackendError, EdgeError, InputError, ModelError
+from .records import error_record, ok_record
 
 PROG = "edge-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -37,9 +38,11 @@ PATH may be image files (JPEG, PNG, BMP, TIFF, DICOM), directories (searched rec
 our own *{OVERLAY_SUFFIX} overlays are skipped) or glob patterns ('scans/**/*.png'). Each scan prints one
 line: path, label, confidence and time. Errors print one line each on stderr, and the batch goes on.
 
-With --json each scan is one object: source, frame (multi-frame DICOM only), label, confidence, top_k,
-probabilities, timings_ms, model, backend, has_heatmap, overlay (with --heatmap) and sop_instance_uid
-(with --keep-uids).
+With --json every scan, watched file or camera frame is one JSON record per line, the same shape in
+every mode (schema edge-classify/1, docs/RECORDS.md): schema, status ('ok' or 'error'), source, frame
+(multi-frame DICOM only), time; then label, confidence, top_k, probabilities, timings_ms, model, backend,
+has_heatmap, overlay (null without --heatmap) and sop_instance_uid (with --keep-uids); or error. --watch
+writes the same records to its --out file, with each file's size and mtime_ns.
 
 \b
 Examples:
@@ -220,11 +223,11 @@ def format_line(record: dict[str, Any], top_k: int = 1) -> str:
 
 
 class Emitter:
-    """Prints each result record as it comes, from a file batch, the camera loop or the watch loop.
+    """Prints each record (`edge.records`) as it comes, from a file batch, the camera loop or the watch loop.
 
-    Camera and watch records may be errors (``status: error``): as text they go to stderr like any other
-    error, as JSON they stay in the stream. ``failures`` counts them for the exit code. A watch record
-    wraps the result (``result``) under the absolute ``file`` path.
+    Text: a result is one line on stdout. JSON: every record, errors included, is one line on stdout.
+    Either way an error is also one line on stderr, so a person watching the terminal or a log sees it.
+    ``failures`` counts errors for the exit code.
     """
 
     def __init__(self, as_json: bool, top_k: int = 1):
@@ -237,13 +240,10 @@ class Emitter:
         self.failures += failed
         if self.as_json:
             click.echo(json.dumps(record, ensure_ascii=False))
-        elif failed:
-            source = str(record.get("file") or record.get("source") or "?")
-            _error(_name_item(source, str(record.get("error", "unknown error"))))
-        else:
-            result = record.get("result", record)
-            source = record.get("file") or result.get("source", "?")
-            click.echo(format_line({**result, "source": source}, self.top_k))
+        if failed:
+            _error(str(record.get("error", "unknown error")))
+        elif not self.as_json:
+            click.echo(format_line(record, self.top_k))
 
 
 @click.command(PROG, cls=_OneLineErrors, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,12 +306,12 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
             from .camera import run_camera
 
             run_camera(classifier, interval=interval, count=count, preview=preview, heatmap_dir=heatmap_dir,
-                       emit=emit)
+                       emit=emit, top_k=top_k)
             return EXIT_SOME_FAILED if emit.failures else EXIT_OK
         if watch_dir is not None:
             from .watch import watch
 
-            watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, emit=emit)
+            watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, top_k=top_k, emit=emit)
             return EXIT_SOME_FAILED if emit.failures else EXIT_OK
         return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
                                frame=frame, window=window, keep_uids=keep_uids, emit=emit)
@@ -382,7 +382,6 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
                     frame: int | None, window: tuple[float, float] | None, keep_uids: bool,
                     emit: Emitter) -> int:
     names = OverlayNames(heatmap_dir) if heatmap_dir is not None else None
-    failures = 0
     show_bar = (not as_json and len(items) > PROGRESS_MIN_ITEMS and sys.stderr.isatty()
                 and not sys.stdout.isatty())
     progress = (click.progressbar(items, label="classifying", file=sys.stderr, show_pos=True) if show_bar
@@ -390,8 +389,7 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
     with progress as bar:
         for item in bar:
             if item.problem is not None:
-                _error(f"{item.display}: {item.problem}")
-                failures += 1
+                emit(error_record(item.display, _name_item(item.display, item.problem)))
                 continue
             try:
                 records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
@@ -399,16 +397,14 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
             except (ModelError, BackendError):
                 raise
             except EdgeError as exc:
-                _error(_name_item(item.display, exc))
-                failures += 1
+                emit(error_record(item.display, _name_item(item.display, exc)))
                 continue
             except Exception as exc:  # never lose the rest of a batch (or print a traceback) for one scan
-                _error(_name_item(item.display, f"unexpected {type(exc).__name__}: {exc}"))
-                failures += 1
+                emit(error_record(item.display, _name_item(item.display, f"unexpected {type(exc).__name__}: {exc}")))
                 continue
             for record in records:
                 emit(record)
-    return EXIT_SOME_FAILED if failures else EXIT_OK
+    return EXIT_SOME_FAILED if emit.failures else EXIT_OK
 
 
 def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNames | None, frame: int | None,
@@ -422,7 +418,7 @@ def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNam
         uid = sop_instance_uid(item.path)
     records = []
     for result in results:
-        record = result.to_dict(top_k)
+        overlay = None
         if names is not None:
             from .overlay import save_overlay
 
@@ -431,10 +427,9 @@ def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNam
                 save_overlay(result, target)
             except OSError as exc:
                 raise InputError(f"cannot write the overlay {target} ({exc.strerror or exc})") from None
-            record["overlay"] = str(target)
-        if keep_uids:
-            record["sop_instance_uid"] = uid
-        records.append(record)
+            overlay = str(target)
+        extra = {"sop_instance_uid": uid} if keep_uids else {}
+        records.append(ok_record(result, top_k=top_k, overlay=overlay, **extra))
     return records
 
 

@@ -6,7 +6,7 @@ scan must still have exactly one result.
 
 How that is achieved:
 
-- The results file (JSONL, one line per file version) *is* the state. On start it is read back; a
+- The results file (JSONL, one `edge.records` record per file version) *is* the state. On start it is read back; a
   torn last line from a crash mid-write is cut off, so that file is simply classified again. Each line is
   written with one `write`, then flushed and fsync'ed before the next file is touched, so a line that
   exists is complete and durable, and a file without a line was never reported.
@@ -29,11 +29,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import EdgeError, InputError
+from .records import error_record, ok_record, one_line
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,15 @@ def watch(
     poll_interval: float = 1.0,
     settle_seconds: float = 2.0,
     once: bool = False,
+    top_k: int = 1,
     emit: Callable[[dict], None] | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     """Classify new files in `directory` with `classifier.classify(path)`, appending results to `out_path`.
 
-    Each JSONL line: `file` (absolute path), `size`, `mtime_ns`, `time` (UTC), `status` ('ok' with
-    `result`, the result's dict, or 'error' with a one-line `error`). `emit` also receives each line's
-    dict once it is durable. Runs until `stop` is set (or Ctrl-C); with `once=True` it returns as soon as
+    Each JSONL line is an `edge.records` record (docs/RECORDS.md) whose `source` is the file's absolute
+    path, with the file version's `size` and `mtime_ns`. `emit` also receives each line's dict once it is
+    durable. Runs until `stop` is set (or Ctrl-C); with `once=True` it returns as soon as
     every file present has been handled (waiting for files still being written to settle). Returns the
     number of lines written by this call. Model or backend failures propagate: they are not the file's
     fault, and the file is retried after a restart.
@@ -76,7 +77,7 @@ def watch(
             for path, size, mtime_ns in ready:
                 if stop.is_set():
                     break
-                record = _classify(classifier, path, size, mtime_ns)
+                record = _classify(classifier, path, size, mtime_ns, top_k)
                 if record is None:  # the file changed or vanished while being read: let it settle again
                     pending.pop(str(path), None)
                     waiting += 1
@@ -135,32 +136,31 @@ def _scan(directory: Path, done: set[Key], pending: dict[str, tuple[int, int, fl
     return [(path, size, mtime_ns) for mtime_ns, _, path, size in ready], len(pending)
 
 
-def _classify(classifier: Any, path: Path, size: int, mtime_ns: int) -> dict | None:
-    """One result line for this file version, or None when the file changed or vanished meanwhile."""
-    record: dict[str, Any] = {"file": str(path), "size": size, "mtime_ns": mtime_ns}
+def _classify(classifier: Any, path: Path, size: int, mtime_ns: int, top_k: int) -> dict | None:
+    """One record for this file version, or None when the file changed or vanished meanwhile."""
+    version = {"size": size, "mtime_ns": mtime_ns}
     try:
         result = classifier.classify(path)
-        outcome: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+        record = ok_record(result, top_k=top_k, source=str(path), **version)
     except InputError as exc:
-        outcome = {"status": "error", "error": _one_line(str(exc))}
+        record = error_record(str(path), _named(path, exc), **version)
     except EdgeError:
         raise
     except Exception as exc:  # a decoder bug on one odd file must not stop the inbox (nor loop forever on it)
         log.warning("unexpected %s while classifying %s", type(exc).__name__, path)
-        outcome = {"status": "error", "error": _one_line(f"{path}: unexpected {type(exc).__name__}: {exc}")}
+        record = error_record(str(path), _named(path, f"unexpected {type(exc).__name__}: {exc}"), **version)
     try:
         st = path.stat()
     except OSError:
         return None
     if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
         return None
-    record["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    record.update(outcome)
     return record
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "unknown error"
+def _named(path: Path, problem: object) -> str:
+    message = one_line(str(problem))
+    return message if message.startswith(f"{path}:") else f"{path}: {message}"
 
 
 class _Journal:
@@ -201,7 +201,9 @@ class _Journal:
         for number, line in enumerate(data[:end].splitlines(), 1):
             try:
                 record = json.loads(line)
-                done.add((record["file"], int(record["size"]), int(record["mtime_ns"])))
+                # `file` is where results files written before the record schema name the scan.
+                source = record["source"] if "source" in record else record["file"]
+                done.add((source, int(record["size"]), int(record["mtime_ns"])))
             except (ValueError, KeyError, TypeError):
                 if line.strip():
                     log.warning("%s:%d: not a result line, ignored", self.path, number)
@@ -213,7 +215,7 @@ class _Journal:
         while view:
             view = view[os.write(self._fd, view):]
         os.fsync(self._fd)
-        self.done.add((record["file"], record["size"], record["mtime_ns"]))
+        self.done.add((record["source"], record["size"], record["mtime_ns"]))
 
     def close(self) -> None:
         os.close(self._fd)

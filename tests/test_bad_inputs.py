@@ -100,7 +100,8 @@ def test_mixed_batch_keeps_going(cli, tiny_model_path: Path, bad, scan_png: Path
     result = cli("--model", tiny_model_path, "--json", *args)
     assert result.exit_code == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["source"] for r in records] == [str(scan_png), str(scan_png.parent / "full.jpg")]
+    assert [r["source"] for r in records if r["status"] == "ok"] == [str(scan_png), str(scan_png.parent / "full.jpg")]
+    assert [r["source"] for r in records if r["status"] == "error"] == [str(p) for p, _ in bad.values()]
     errors = result.stderr.splitlines()
     assert len(errors) == len(bad)
     assert [e[len(PREFIX):].split(": ")[0] for e in errors] == [str(p) for p, _ in bad.values()]

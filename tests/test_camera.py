@@ -42,9 +42,9 @@ def test_replayed_frames_are_classified_end_to_end(classifier, sample_scans, tmp
     for record, scan in zip(emitted, sample_scans):
         assert record["status"] == "ok"
         assert record["label"] in LABELS
-        stamp = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+        stamp = datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
         assert stamp.utcoffset().total_seconds() == 0 and stamp >= before.replace(microsecond=0)
-        overlay = Path(record["heatmap"])
+        overlay = Path(record["overlay"])
         assert overlay.parent == tmp_path / "overlays" and overlay.name.endswith(record["source"][7:] + ".png")
         with Image.open(overlay) as picture:
             assert picture.format == "PNG" and picture.width >= 224
@@ -58,7 +58,7 @@ def test_count_stops_the_loop(classifier, sample_scans):
     n = run_camera(classifier, interval=0, count=3, preview=False, heatmap_dir=None, emit=emitted.append,
                    source=FileSequenceSource(sample_scans))
     assert n == 3 and len(emitted) == 3
-    assert all("heatmap" not in r for r in emitted)
+    assert all(r["overlay"] is None for r in emitted)
 
 
 def test_a_bad_frame_is_reported_and_the_loop_goes_on(classifier, sample_scans, tmp_path):

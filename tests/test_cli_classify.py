@@ -61,7 +61,7 @@ def test_json_lines_schema(cli, tiny_model_path: Path, scans: Path):
         assert set(record["timings_ms"]) == {"decode", "preprocess", "invoke", "postprocess", "total"}
         assert record["model"]["name"] == "tiny-test" and len(record["model"]["sha256"]) == 64
         assert record["backend"]["name"] == "litert"
-        assert "overlay" not in record and "sop_instance_uid" not in record
+        assert record["overlay"] is None and "sop_instance_uid" not in record
 
 
 def test_top_k_text_shows_runners_up(cli, tiny_model_path: Path, scan_png: Path):

@@ -419,8 +419,10 @@ def test_edge_classify_reports_a_truncated_dicom_in_one_line(run_cli, tiny_model
     assert len(errors) == 1 + len(leaky), done.stderr
     assert str(bad) in errors[0] and "truncated" in errors[0]
     assert "Traceback" not in done.stderr
-    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    (record,) = [r for r in records if r["status"] == "ok"]
     assert record["source"] == str(good), "the rest of the batch is still classified"
+    assert [r["source"] for r in records if r["status"] == "error"] == [str(bad), *map(str, leaky)]
     assert_no_patient_data([bad, good, *leaky], done.stdout, done.stderr)
 
 

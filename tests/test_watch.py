@@ -32,7 +32,7 @@ def results(out: Path) -> list[dict]:
 
 
 def per_file(records: list[dict]) -> Counter:
-    return Counter(Path(r["file"]).name for r in records)
+    return Counter(Path(r["source"]).name for r in records)
 
 
 def big_jpeg(sample: Path, size: int = 1024) -> bytes:
@@ -74,15 +74,15 @@ def check_exactly_once(records: list[dict], good: list[str], bad: list[str]) -> 
     counts = per_file(records)
     assert counts == Counter(good + bad), "each file exactly one line, ignored files none"
     for record in records:
-        name = Path(record["file"]).name
+        name = Path(record["source"]).name
         if name in good:
             assert record["status"] == "ok", record
-            assert record["result"]["label"] in LABELS
-            assert abs(sum(record["result"]["probabilities"].values()) - 1) < 0.02
+            assert record["label"] in LABELS
+            assert abs(sum(record["probabilities"].values()) - 1) < 0.02
         else:
             assert record["status"] == "error", record
             assert record["error"] and "\n" not in record["error"]
-        assert record["size"] == (Path(record["file"])).stat().st_size
+        assert record["size"] == (Path(record["source"])).stat().st_size
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_once_handles_good_bad_and_ignored_files(classifier, inbox, sample_scans
     assert written == len(records) == len(good) + len(bad)
     assert emitted == records
     check_exactly_once(records, good, bad)
-    errors = {Path(r["file"]).name: r["error"] for r in records if r["status"] == "error"}
+    errors = {Path(r["source"]).name: r["error"] for r in records if r["status"] == "error"}
     assert "empty" in errors["empty.png"]
     before = out.read_bytes()
     assert watch(classifier, inbox, out, settle_seconds=0, poll_interval=0.05, once=True) == 0
@@ -121,7 +121,7 @@ def test_a_replaced_file_is_a_new_version(classifier, inbox, sample_scans):
     os.utime(inbox / "a.jpg", ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
     assert watch(classifier, inbox, out, settle_seconds=0, once=True) == 1
     first, second = results(out)
-    assert first["file"] == second["file"]
+    assert first["source"] == second["source"]
     assert (first["size"], first["mtime_ns"]) != (second["size"], second["mtime_ns"])
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import load_interpreter
 from .decode import Source, decode_frames, describe
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .model_file import ModelSpec, read_spec
 from .preprocess import PIPELINES, Geometry, heatmap_to_image, prepare_with_geometry
 from .registry import resolve
@@ -128,10 +128,27 @@ class Classifier:
         source = describe(x)
         return [self._classify_image(image, source, suffix, decode_ms) for suffix, image in frames]
 
+    def classify_input(self, pixels: np.ndarray) -> Result:
+        """Classify an already-prepared model input, uint8 [S, S, C] as :func:`edge.preprocess.prepare` returns it.
+
+        For callers that alter what the model sees (deletion/insertion tests of the heatmap, occlusion)
+        and so must skip decoding and preprocessing. The result carries no image or geometry.
+        """
+        pixels = np.asarray(pixels)
+        expected = (self.spec.input_size, self.spec.input_size, self.spec.channels)
+        if pixels.dtype != np.uint8 or pixels.shape != expected:
+            raise InputError(f"a prepared model input must be uint8 {list(expected)}, got "
+                             f"{pixels.dtype.name} {list(pixels.shape)}")
+        return self._run(pixels, perf_counter(), 0.0, "<model input>", "", None, None)
+
     def _classify_image(self, image: np.ndarray, source: str, suffix: str, decode_ms: float) -> Result:
         t0 = perf_counter()
         spec = self.spec
         pixels, geometry = prepare_with_geometry(image, spec.input_size, spec.channels, spec.pipeline)
+        return self._run(pixels, t0, decode_ms, source, suffix, image, geometry)
+
+    def _run(self, pixels: np.ndarray, t0: float, decode_ms: float, source: str, suffix: str,
+             image: np.ndarray | None, geometry: Geometry | None) -> Result:
         tensor = self._quantize(pixels[None])
         t1 = perf_counter()
         raw = self._invoke(tensor)

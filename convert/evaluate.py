@@ -33,6 +33,8 @@ SUBSETS = {"all": "all images", "dedup": "de-duplicated"}
 Progress = Callable[[Sequence[Path]], Iterable[Path]]
 #: (path, probabilities or None, error message or None), in input order.
 Prediction = tuple[Path, "np.ndarray | None", "str | None"]
+#: (labels, model info, predict): ``predict`` maps image paths to :data:`Prediction` s, lazily, in order.
+Predictor = tuple[list[str], dict[str, Any], Callable[[Iterable[Path]], Iterator[Prediction]]]
 
 
 def list_labelled(data_dir: Path, labels: Sequence[str], limit: int | None = None) -> list[tuple[Path, int]]:
@@ -67,7 +69,7 @@ def match_key(path: Path | str) -> str:
     return "/".join(Path(path).parts[-3:])
 
 
-def _keras_predictor(model_path: Path, threads: int | None) -> tuple[list[str], dict[str, Any], Callable]:
+def _keras_predictor(model_path: Path, threads: int | None) -> Predictor:
     from . import normalisation
     from .keras_io import load_model
 
@@ -129,7 +131,7 @@ def _keras_predictor(model_path: Path, threads: int | None) -> tuple[list[str], 
     return labels, info, predict
 
 
-def _tflite_predictor(model_path: Path, threads: int | None) -> tuple[list[str], dict[str, Any], Callable]:
+def _tflite_predictor(model_path: Path, threads: int | None) -> Predictor:
     from edge import Classifier
 
     clf = Classifier(model=model_path, threads=threads)
@@ -163,9 +165,20 @@ def load_dedup(path: Path) -> dict[str, Any]:
     return report
 
 
+def load_predictor(model_path: str | Path, threads: int | None = None) -> Predictor:
+    """(labels, model info, predict) for a .tflite (device path) or Keras model, loaded once so that several
+    evaluations of one model (test split and external sets) share it."""
+    model_path = Path(model_path)
+    if model_path.suffix.lower() == ".tflite":
+        return _tflite_predictor(model_path, threads)
+    if model_path.suffix.lower() in KERAS_SUFFIXES or model_path.is_dir():
+        return _keras_predictor(model_path, threads)
+    raise ValueError(f"{model_path}: expected a .tflite, .keras or .h5 model")
+
+
 def evaluate(model_path: str | Path, data_dir: str | Path, dedup: str | Path | None = None,
              limit: int | None = None, threads: int | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None, predictor: Predictor | None = None) -> dict[str, Any]:
     """Predict every image of ``data_dir`` and return metrics for all of them and for the de-duplicated subset.
 
     ``dedup`` is an `edge-dedup` report; its ``dedup_test`` paths are matched on their last three
@@ -173,18 +186,13 @@ def evaluate(model_path: str | Path, data_dir: str | Path, dedup: str | Path | N
     the interpreter threads (TFLite) or TensorFlow's pool (Keras). Unreadable images are listed in
     ``unreadable`` and left out of the metrics; ``predictions`` lists every evaluated image (true and
     predicted label, probabilities in label order) for error analysis. ``progress`` wraps the list of
-    images (a progress bar).
+    images (a progress bar). ``predictor`` is one made by :func:`load_predictor` for ``model_path``.
     """
     model_path, data_dir = Path(model_path), Path(data_dir)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     report = load_dedup(Path(dedup)) if dedup is not None else None
-    if model_path.suffix.lower() == ".tflite":
-        labels, info, predict = _tflite_predictor(model_path, threads)
-    elif model_path.suffix.lower() in KERAS_SUFFIXES or model_path.is_dir():
-        labels, info, predict = _keras_predictor(model_path, threads)
-    else:
-        raise ValueError(f"{model_path}: expected a .tflite, .keras or .h5 model")
+    labels, info, predict = predictor or load_predictor(model_path, threads)
     items = list_labelled(data_dir, labels, limit)
     truth = {p: k for p, k in items}
     paths = [p for p, _ in items]

@@ -53,17 +53,24 @@ def summary_text(result: dict[str, Any]) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("data_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("data_dir", metavar="[DIR]", type=click.Path(path_type=Path), required=False)
 @click.option("--dedup", type=click.Path(dir_okay=False, path_type=Path),
               help="An edge-dedup report: also give metrics on the test images that have no copy in training.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Write metrics.json and confusion_<subset>.png/.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the text summary.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N images per class (quick checks).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="At most N images per class, and per folder of external sets (quick checks).")
 @click.option("--threads", type=click.IntRange(min=1),
               help="Interpreter threads (TFLite) or TensorFlow threads (Keras). Default: the backend's choice.")
-def main(model: Path, data_dir: Path, dedup: Path | None, out: Path | None, as_json: bool, limit: int | None,
-         threads: int | None) -> None:
+@click.option("--sets", type=click.Path(dir_okay=False, path_type=Path),
+              help="External validation: a set spec (data/external_sets.json); DIR becomes optional.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the --sets paths are relative to. Default: the spec's own 'root'.")
+@click.option("--folder", "folders", multiple=True, metavar="PATH=EXPECT",
+              help="External validation of one folder; EXPECT: tumour, healthy or a class (repeatable).")
+def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | None, as_json: bool, limit: int | None,
+         threads: int | None, sets: Path | None, root: Path | None, folders: tuple[str, ...]) -> None:
     """Evaluate MODEL (.tflite, .keras or .h5) on DIR, a folder with one sub-folder per label.
 
     A .tflite model runs through edge.Classifier, exactly as on a device. A Keras model must carry its
@@ -72,17 +79,33 @@ def main(model: Path, data_dir: Path, dedup: Path | None, out: Path | None, as_j
     (15 bins), and per class precision, recall, specificity and F1. With --dedup, the same metrics on the
     test images without a copy in the training set (see edge-dedup); this is the number to quote.
 
+    With --sets or --folder (scans from elsewhere, not sorted by our labels): tumour found, healthy spared
+    and right class, with Wilson 95% intervals, per set, source and variant, plus DIR's accuracy if given;
+    --out gets external.json, external.md (the model card section) and external.png.
+
     \b
     Examples:
       edge-evaluate models/custom-cnn.tflite data/Testing --dedup data/dedup/brain-tumor-mri.json
       edge-evaluate runs/xception.keras data/Testing --dedup data/dedup/brain-tumor-mri.json --out reports/xception
       edge-evaluate edge/models/custom-cnn.tflite data/Testing --limit 20 --json
+      edge-evaluate edge/models/custom-cnn.tflite data/Testing --dedup data/dedup/brain-tumor-mri.json \\
+          --sets data/external_sets.json --out reports/ext-custom-cnn
+      edge-evaluate edge/models/custom-cnn.tflite --folder clinic/tumours=tumour --folder clinic/normal=healthy
 
     \b
     Exit codes: 0 evaluated (unreadable images are warned about on stderr and listed, not fatal);
     1 the model, folder or de-duplication report cannot be used; 2 bad usage.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if root is not None and sets is None:
+        raise click.UsageError("--root needs --sets")
+    if sets is not None or folders:
+        from convert.external_cli import run
+
+        return run(model, data_dir, dedup=dedup, sets=sets, root=root, folders=folders, out=out, as_json=as_json,
+                   limit=limit, threads=threads)
+    if data_dir is None:
+        raise click.UsageError("give DIR (a test folder), or external sets with --sets or --folder")
     from convert.evaluate import evaluate, write_outputs
 
     try:

@@ -139,3 +139,23 @@ def summary(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> 
         "labels": list(labels),
         "confusion": cm.tolist(),
     }
+
+
+#: Two-sided 95% normal quantile, for the Wilson intervals of the external-validation tables.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (Wilson 1927; Newcombe 1998, method 3).
+
+    Used instead of the normal (Wald) interval because external sets are small and their rates sit near 0 or
+    1, where Wald collapses to zero width or leaves [0, 1]. Without samples the rate is unknown: (0, 1).
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -1,4 +1,5 @@
-"""Report figures (confusion matrix, learning curves) as PNG files, with matplotlib's headless Agg backend.
+"""Report figures (confusion matrix, learning curves, rates with intervals) as PNG files, with matplotlib's
+headless Agg backend.
 
 Host-side only: the device draws its heatmap overlays with PIL (edge/overlay.py) and never imports this.
 Figures are built with the object API (no pyplot state), so plotting from a training loop or a test leaks
@@ -69,6 +70,38 @@ def learning_curves(history: dict[str, Sequence[float]], path: str | Path, title
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+#: Bar colour per external-validation measure (convert/external.py).
+MEASURE_COLOURS = {"accuracy": "tab:gray", "tumour found": "tab:red", "healthy spared": "tab:green",
+                   "right class": "tab:blue"}
+
+
+def rates_with_intervals(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """Write one horizontal bar per row (``name``, ``measure``, ``rate``, ``ci95``, ``n``), top to bottom in
+    row order, with its 95% interval as an error bar: how far a rate may be from the truth is half the story
+    on a set of a few hundred scans."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    y = np.arange(len(rows))[::-1]
+    rate = np.array([r["rate"] for r in rows])
+    lo, hi = np.array([r["ci95"] for r in rows]).T
+    fig = Figure(figsize=(8.0, 1.0 + 0.32 * len(rows)))
+    ax = fig.add_subplot()
+    ax.barh(y, rate * 100, color=[MEASURE_COLOURS.get(r["measure"], "tab:purple") for r in rows], alpha=0.8,
+            xerr=np.vstack([rate - lo, hi - rate]) * 100, error_kw={"capsize": 3, "elinewidth": 1})
+    for yi, r, top in zip(y, rows, hi):
+        inside = r["rate"] > 0.2  # short bars get their figure past the interval, in black
+        ax.text(1 if inside else 100 * top + 1, yi, f"{r['rate']:.1%}", va="center", fontsize=8,
+                color="white" if inside else "black")
+    names = [r["name"] if r["name"].endswith(r["measure"]) else f"{r['name']}, {r['measure']}" for r in rows]
+    ax.set_yticks(y, [f"{name} (n={r['n']})" for name, r in zip(names, rows)], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of images (bars: 95% Wilson interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -140,3 +140,20 @@ def test_summary_is_consistent_and_json_ready():
 def test_summary_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
         metrics.summary([0, 1], np.ones((3, 2)) / 2, ["a", "b"])
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    # Newcombe (1998), Stat Med 17:857, Table I, method 3 (Wilson score, no continuity correction).
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_interval_matches_published_values(k: int, n: int, low: float, high: float):
+    lo, hi = metrics.wilson_interval(k, n)
+    assert (round(lo, 4), round(hi, 4)) == (low, high)
+
+
+def test_wilson_interval_edges():
+    lo, hi = metrics.wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-4)  # mirror of 0/10 -> (0, 0.2775)
+    assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        metrics.wilson_interval(5, 4)

@@ -9,12 +9,15 @@ from pathlib import Path
 import click
 
 import edge
+from edge.cli_common import NonEmptyPath, OneLineGroup, error, notice, version_option, warning
+
 from . import compare as compare_mod
 from . import report
 from .keras_reference import STYLES as KERAS_STYLES
 from .run import BenchError, Config, find_images, progress_length, rounds_plan, run_session
 from .soak import parse_duration
 
+PROG = "edge-bench"
 SAMPLES_DIR = Path(edge.__file__).resolve().parent / "samples"
 DEFAULT_THREADS = (1, 2, 4)
 
@@ -33,24 +36,22 @@ def _threads(text: str | None) -> list[int]:
 
 
 def _reference(text: str) -> tuple[str, Path]:
-    label, sep, path = text.partition("=")
-    if not sep or not label.strip() or not path.strip():
-        raise click.BadParameter(f"{text!r}: expected LABEL=PATH.tflite, e.g. fp32=model_fp32.tflite",
-                                 param_hint="--reference")
-    p = Path(path.strip())
-    if not p.is_file():
-        raise click.BadParameter(f"{p}: no such model file", param_hint="--reference")
-    return label.strip(), p
+    label, sep, model = text.partition("=")
+    if not sep or not label.strip() or not model.strip():
+        raise click.BadParameter(f"{text!r}: expected LABEL=NAME|PATH, e.g. fp32=model_fp32.tflite or "
+                                 "x=xception", param_hint="--reference")
+    return label.strip(), _resolve(model.strip(), "--reference")
 
 
-def _resolve(model: str | None) -> Path:
+def _resolve(model: str | None, option: str = "--model") -> Path:
+    """A bundled model name or a .tflite path, exactly as `edge-classify --model` takes it."""
     from edge.errors import ModelError
     from edge.registry import resolve
 
     try:
         return resolve(model)
     except ModelError as exc:
-        raise click.BadParameter(str(exc), param_hint="--model") from None
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _tensorflow_available() -> bool:
@@ -59,14 +60,16 @@ def _tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(PROG, cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@version_option(PROG)
 def main() -> None:
     """Latency and memory benchmarks for the edge runtime: `run` measures, `compare` catches regressions.
 
     \b
     Examples:
       edge-bench run                                   # bundled default model, threads 1,2,4
-      edge-bench run --model custom-cnn --threads 1,4 --runs 200 --json pi5.json --markdown pi5.md
+      edge-bench run --model custom-cnn --threads 1,4 --runs 200 --out pi5.json --markdown pi5.md
       edge-bench run --model m_int8.tflite --reference fp32=m_fp32.tflite --keras m.keras
       edge-bench run --duration 30m --threads 4        # soak: latency and memory drift
       edge-bench compare benchmarks/baselines/pi5.json new.json --tolerance 10%
@@ -84,16 +87,16 @@ def main() -> None:
               help="Unmeasured scans after the first inference.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
               help="Interleaved rounds the runs are split into (compare judges the median of round medians).")
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--images", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Directory of scans to cycle through (recursive; default: edge/samples/).")
 @click.option("--budget-ms", default=400.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Real-time budget: each model x threads PASSes when its end-to-end p99 is within it.")
 @click.option("--cold-starts", default=3, show_default=True, type=click.IntRange(0),
               help="Fresh processes timed from spawn to first result (median reported; 0 skips).")
-@click.option("--reference", "references", multiple=True, metavar="LABEL=PATH",
-              help="Reference .tflite measured on the same scans and reported as a ratio (repeatable), "
-                   "e.g. fp32=m_fp32.tflite or nohead=m_nohead.tflite.")
-@click.option("--keras", "keras_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--reference", "references", multiple=True, metavar="LABEL=NAME|PATH",
+              help="Reference model (bundled name or .tflite) measured on the same scans and reported as a "
+                   "ratio (repeatable), e.g. fp32=m_fp32.tflite, nohead=m_nohead.tflite or big=xception.")
+@click.option("--keras", "keras_path", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Also time the Keras fp32 + GradientTape Grad-CAM loop of this .keras (needs TensorFlow), "
                    "two ways: keras-compiled+tape (one compiled tf.function, the fastest Keras way) and "
                    "keras-predict+tape (model.predict, then an eager tape: how the published studies run it).")
@@ -102,14 +105,17 @@ def main() -> None:
                    "reports latency and RSS drift.")
 @click.option("--sample-every", default="10s", show_default=True, metavar="DURATION",
               help="Soak sampling interval for RSS and progress.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the full results (schema edge-bench/1) here; the input of `compare`.")
-@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the markdown report here (it is printed to stdout either way).")
-@click.option("--histogram", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "out_path", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the full results (JSON, schema edge-bench/1) here; the input of `compare`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON instead of the markdown report.")
+@click.option("--markdown", "md_out", type=NonEmptyPath(dir_okay=False, path_type=Path),
+              help="Write the markdown report here.")
+@click.option("--histogram", "png_out", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Write an end-to-end latency histogram PNG (skipped with a notice without matplotlib).")
-def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_starts, references, keras_path,
-        duration, sample_every, json_out, md_out, png_out) -> None:
+def run(models: tuple[str, ...], threads_text: str | None, runs: int, warmup: int, rounds: int,
+        images: Path | None, budget_ms: float, cold_starts: int, references: tuple[str, ...],
+        keras_path: Path | None, duration: str | None, sample_every: str, out_path: Path | None, as_json: bool,
+        md_out: Path | None, png_out: Path | None) -> None:
     """Measure every model x threads (and references) on the same scans; judge against the budget.
 
     Each configuration runs in its own child process (so peak RSS is the classifier's own, and TensorFlow
@@ -138,7 +144,7 @@ def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_star
         if not keras_path.is_file():
             raise click.BadParameter(f"{keras_path}: no such .keras file", param_hint="--keras")
         if not _tensorflow_available():
-            click.echo(f"notice: TensorFlow is not installed; skipping the Keras reference {keras_path}", err=True)
+            notice(PROG, f"TensorFlow is not installed; skipping the Keras reference {keras_path}")
             keras_path = None
     try:
         scans = find_images(images or SAMPLES_DIR)
@@ -158,24 +164,24 @@ def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_star
             session = run_session(configs, scans, runs=runs, warmup=warmup, rounds=rounds, cold_runs=cold_starts,
                                   budget_ms=budget_ms, soak_s=soak_s, sample_s=sample_s, advance=bar.update)
     except BenchError as exc:
-        click.echo(f"error: {exc}", err=True)
+        error(PROG, exc)
         sys.exit(2)
     text = report.markdown(session)
-    click.echo(text)
-    if json_out:
-        json_out.write_text(json.dumps(session, indent=1), encoding="utf-8")
+    click.echo(json.dumps(session, indent=1) if as_json else text)
+    if out_path:
+        out_path.write_text(json.dumps(session, indent=1), encoding="utf-8")
     if md_out:
         md_out.write_text(text, encoding="utf-8")
     if png_out:
-        notice = report.histogram(session, png_out)
-        if notice:
-            click.echo(f"notice: {notice}", err=True)
+        skipped = report.histogram(session, png_out)
+        if skipped:
+            notice(PROG, skipped)
     for res in session["results"]:
         for scan, why in res["skipped_scans"].items():
-            click.echo(f"warning: {res['label']} skipped {scan}: {why}", err=True)
+            warning(PROG, f"{res['label']} skipped {scan}: {why}")
     failed = [f"{r['label']} x{r['threads']}" for r in session["results"] if r.get("verdict") == "FAIL"]
     if failed:
-        click.echo(f"FAIL: end-to-end p99 over {budget_ms:g} ms for {', '.join(failed)}", err=True)
+        error(PROG, f"FAIL: end-to-end p99 over {budget_ms:g} ms for {', '.join(failed)}")
         sys.exit(1)
 
 
@@ -188,10 +194,12 @@ def run(models, threads_text, runs, warmup, rounds, images, budget_ms, cold_star
               help="Latency increases up to this many ms never count as regressions.")
 @click.option("--floor-mb", default=compare_mod.FLOOR_MB, show_default=True, type=click.FloatRange(0),
               help="Peak-RSS increases up to this many MB never count as regressions.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write the comparison as JSON here ('-' for stdout instead of the markdown table).")
-def compare_cmd(base, new, tolerance, floor_ms, floor_mb, json_out) -> None:
-    """Compare two `run --json` files and fail on a regression.
+@click.option("--out", "out_path", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the comparison as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of the markdown table.")
+def compare_cmd(base: Path, new: Path, tolerance: str, floor_ms: float, floor_mb: float, out_path: Path | None,
+                as_json: bool) -> None:
+    """Compare two `run --out` files and fail on a regression.
 
     Matches models under test by label and thread count, and judges invoke p50/p90, end-to-end p50/p90
     and peak RSS. Latency figures are the median over the run's interleaved rounds of each round's
@@ -202,7 +210,7 @@ def compare_cmd(base, new, tolerance, floor_ms, floor_mb, json_out) -> None:
     \b
     Examples:
       edge-bench compare benchmarks/baselines/x86-dev.json new.json
-      edge-bench compare base.json new.json --tolerance 20% --json -
+      edge-bench compare base.json new.json --tolerance 20% --json
     \b
     Exit codes:
       0  no regression
@@ -215,17 +223,13 @@ def compare_cmd(base, new, tolerance, floor_ms, floor_mb, json_out) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tolerance") from None
     except compare_mod.CompareError as exc:
-        click.echo(f"error: {exc}", err=True)
+        error(PROG, exc)
         sys.exit(2)
-    if json_out is not None:
-        payload = json.dumps(result, indent=1)
-        if str(json_out) == "-":
-            click.echo(payload)
-        else:
-            json_out.write_text(payload, encoding="utf-8")
-    if json_out is None or str(json_out) != "-":
-        click.echo(compare_mod.markdown(result, str(base), str(new)))
+    payload = json.dumps(result, indent=1)
+    if out_path is not None:
+        out_path.write_text(payload, encoding="utf-8")
+    click.echo(payload if as_json else compare_mod.markdown(result, str(base), str(new)))
     if result["matched"] == 0:
-        click.echo(f"error: {base} and {new} have no model x threads configuration in common", err=True)
+        error(PROG, f"{base} and {new} have no model x threads configuration in common")
         sys.exit(2)
     sys.exit(1 if result["regressions"] else 0)

@@ -1,4 +1,4 @@
-"""Compare two `edge-bench run --json` files and decide whether the new one regressed.
+"""Compare two `edge-bench run --out` files and decide whether the new one regressed.
 
 Method (also in `edge-bench compare --help` and baselines/README.md): results are matched by model label
 and thread count (models under test only; references are context). For invoke and end-to-end latency the
@@ -36,7 +36,7 @@ class CompareError(Exception):
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read and sanity-check one `edge-bench run --json` file."""
+    """Read and sanity-check one `edge-bench run --out` file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from edge.cli_common import NonEmptyPath, OneLineCommand, error, version_option
+
+PROG = "edge-convert"
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
 HELP = """Convert MODEL (.keras, legacy .h5 or a SavedModel folder) into one .tflite file the edge runtime
@@ -46,7 +49,7 @@ Exit codes:
 def _fail(message: str, code: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
-    click.echo(f"edge-convert: error: {message}", err=True)
+    error(PROG, message)
     sys.exit(code)
 
 
@@ -82,11 +85,13 @@ def _summary(result) -> list[str]:
     return lines
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calibration", "calibration_dir", required=True, type=click.Path(path_type=Path),
+@click.command(PROG, cls=OneLineCommand, help=HELP,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@version_option(PROG)
+@click.argument("model", type=NonEmptyPath(path_type=Path))
+@click.option("--calibration", "calibration_dir", required=True, type=NonEmptyPath(path_type=Path),
               help="Folder of calibration images: class subfolders (balanced selection) or a flat folder.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Output .tflite path.")
 @click.option("--labels", help="Comma-separated class names in the model's output order.")
 @click.option("--preprocess", help="Normalisation the model was trained with: xception/tf ([-1,1]), 0-1, caffe, "

@@ -8,7 +8,11 @@ from typing import Iterable, Sequence
 
 import click
 
+from edge.cli_common import NonEmptyPath, OneLineCommand, version_option, warning
+
 from . import dedup
+
+PROG = "edge-dedup"
 
 
 def _bar(paths: Sequence[Path]) -> Iterable[Path]:
@@ -32,10 +36,11 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("train_dir", type=click.Path(path_type=Path))
-@click.argument("test_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+@click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option(PROG)
+@click.argument("train_dir", type=NonEmptyPath(path_type=Path))
+@click.argument("test_dir", type=NonEmptyPath(path_type=Path))
+@click.option("--out", "out", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Write the report here (JSON): pairs, groups and `dedup_test`, the test images without a copy.")
 @click.option("--threshold", default=dedup.DEFAULT_THRESHOLD, show_default=True, type=click.IntRange(0, 64),
               help="Largest pHash and dHash distance (bits) that still counts as a copy. 4 was chosen by looking at "
@@ -64,7 +69,7 @@ def main(train_dir: Path, test_dir: Path, out: Path | None, threshold: int, as_j
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     for item in report["unreadable"]:
-        click.echo(f"warning: {item['error']}", err=True)
+        warning(PROG, item["error"])
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -5,13 +5,19 @@ from pathlib import Path
 
 import click
 
+from edge.cli_common import NonEmptyPath, OneLineCommand, version_option
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+PROG = "edge-train"
+
+
+@click.command(PROG, cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@version_option(PROG)
+@click.argument("data", type=NonEmptyPath(exists=True, file_okay=False, path_type=Path))
 @click.option("--arch", type=click.Choice(["custom-cnn", "xception"]), default="custom-cnn", show_default=True,
               help="custom-cnn: ~1.2M-parameter residual CNN, grayscale. xception: ImageNet "
                    "Xception, two-phase fine-tuning.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=Path), required=True,
               help="Where to write the trained model (.keras). Logs, checkpoints and learning curves go to "
                    "OUT_run/ beside it.")
 @click.option("--input-size", type=int, default=None, help="Square input size [default: 96 custom-cnn, 160 xception].")

@@ -9,7 +9,6 @@ import contextlib
 import glob
 import json
 import os
-import platform
 import re
 import sys
 from collections.abc import Iterable
@@ -19,15 +18,14 @@ from typing import Any
 
 import click
 
-from . import __version__
 from .backend import BACKENDS
-from .cli_common import NonEmptyPath, reject_empty
+from .cli_common import NonEmptyPath, OneLineCommand, error, notice, reject_empty, version_option
 from .decode import IMAGE_SUFFIXES
-from .errors import BackendError, EdgeError, InputError, ModelError
+from .errors import BackendError, EdgeError, InputError, ModelError, one_line
 from .records import error_record, ok_record
 
 PROG = "edge-classify"
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 #: A batch longer than this gets a progress bar (when stderr is a terminal and stdout is not).
 PROGRESS_MIN_ITEMS = 10
 OVERLAY_SUFFIX = ".heatmap.png"
@@ -62,31 +60,12 @@ Exit codes:
 """
 
 
-class _OneLineErrors(click.Command):
-    """A click command whose usage errors are one line on stderr, like every other error of this tool."""
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            _error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
-        except click.UsageError as exc:
-            _error(f"{exc.format_message()} (see {PROG} --help)")
-            sys.exit(EXIT_USAGE)
-        except click.ClickException as exc:
-            _error(exc.format_message())
-            sys.exit(exc.exit_code)
-        sys.exit(code or EXIT_OK)
-
-
 def _error(message: str) -> None:
-    click.echo(f"{PROG}: error: {message}", err=True)
+    error(PROG, message)
 
 
 def _notice(message: str) -> None:
-    click.echo(f"{PROG}: notice: {message}", err=True)
+    notice(PROG, message)
 
 
 def _parse_frame(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
@@ -113,17 +92,13 @@ def _parse_window(ctx: click.Context, param: click.Parameter, value: str | None)
     return centre, width
 
 
-def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if not value or ctx.resilient_parsing:
-        return
+def _backend_version() -> str:
     from .backend import find_backend
 
     try:
-        backend = "backend {0.name} {0.version}".format(find_backend()[1])
+        return "backend {0.name} {0.version}".format(find_backend()[1])
     except BackendError:
-        backend = "no backend installed"
-    click.echo(f"{PROG} {__version__} ({backend}; Python {platform.python_version()})")
-    ctx.exit(EXIT_OK)
+        return "no backend installed"
 
 
 @dataclass(frozen=True)
@@ -246,7 +221,7 @@ class Emitter:
             click.echo(format_line(record, self.top_k))
 
 
-@click.command(PROG, cls=_OneLineErrors, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(PROG, cls=OneLineCommand, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, metavar="[PATH]...")
 @click.option("-m", "--model", metavar="NAME|PATH", help="Bundled model name or .tflite path [default: custom-cnn].")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), help="Force an interpreter backend.")
@@ -272,8 +247,7 @@ class Emitter:
               help="With --watch: append results to this JSON-lines file [default: results.jsonl].")
 @click.option("--once", is_flag=True, help="With --watch: classify what DIR holds now, then exit.")
 @click.option("--list-models", is_flag=True, help="List the bundled models and exit.")
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version and backend, then exit.")
+@version_option(PROG, _backend_version)
 @click.pass_context
 def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend: str | None, threads: int | None,
          top_k: int, as_json: bool, heatmap_dir: Path | None, frame: int | None,
@@ -434,9 +408,9 @@ def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNam
 
 
 def _name_item(display: str, problem: object) -> str:
-    """``item: problem``, naming the item once whether or not the library already did."""
-    message = " ".join(str(problem).split())
-    return message if message.startswith(f"{display}:") else f"{display}: {message}"
+    """``item: problem`` as one line, naming the item once whether or not the library already did."""
+    message = str(problem).strip()
+    return one_line(message if message.startswith(f"{display}:") else f"{display}: {message}")
 
 
 if __name__ == "__main__":

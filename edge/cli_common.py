@@ -5,9 +5,14 @@ runtime-only install must still be able to print their one-line errors.
 """
 from __future__ import annotations
 
+import platform
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
+
+from .errors import one_line
 
 
 class NonEmptyPath(click.Path):
@@ -27,3 +32,75 @@ def reject_empty(values: tuple[str, ...] | list[str], what: str) -> None:
     """Refuse an empty string among positional path arguments (click passes them through as text)."""
     if any(v == "" for v in values):
         raise click.UsageError(f"{what} is an empty string (an unset shell variable?); give a file or folder")
+
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def say(prog: str, kind: str, message: object) -> None:
+    """Print ``PROG: KIND: message`` (kind: error, warning or notice) as one line on stderr."""
+    click.echo(f"{prog}: {kind}: {one_line(message)}", err=True)
+
+
+def error(prog: str, message: object) -> None:
+    say(prog, "error", message)
+
+
+def warning(prog: str, message: object) -> None:
+    say(prog, "warning", message)
+
+
+def notice(prog: str, message: object) -> None:
+    say(prog, "notice", message)
+
+
+class _OneLineMain:
+    """click's `main`, with every error it would print (usage errors, ClickException, Ctrl-C) as one line
+    ``PROG: error: ...`` on stderr, the style of every other error of these tools; ``PROG`` is the
+    command's name."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:  # the caller handles errors and exit codes itself
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+        prog = self.name or prog_name or "edge"
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+        except click.exceptions.Abort:
+            error(prog, "interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except click.UsageError as exc:
+            error(prog, f"{exc.format_message()} (see {_command_path(exc, prog)} --help)")
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            error(prog, exc.format_message())
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command_path(exc: click.UsageError, prog: str) -> str:
+    return exc.ctx.command_path if exc.ctx is not None and exc.ctx.command_path else prog
+
+
+class OneLineCommand(_OneLineMain, click.Command):
+    """A click command whose errors are one line each (see `_OneLineMain`)."""
+
+
+class OneLineGroup(_OneLineMain, click.Group):
+    """A click group whose errors, its sub-commands' included, are one line each (see `_OneLineMain`)."""
+
+
+def version_option(prog: str, details: Callable[[], str] | None = None) -> Callable[[Any], Any]:
+    """``--version``: ``PROG VERSION (details; Python X.Y.Z)``, the same line format in every CLI."""
+
+    def show(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if not value or ctx.resilient_parsing:
+            return
+        from . import __version__
+
+        parts = ([details()] if details is not None else []) + [f"Python {platform.python_version()}"]
+        click.echo(f"{prog} {__version__} ({'; '.join(parts)})")
+        ctx.exit(0)
+
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show,
+                        help="Show the version, then exit.")

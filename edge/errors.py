@@ -28,3 +28,23 @@ class DicomError(InputError):
 
 class CameraError(EdgeError):
     """A camera source is unavailable (library missing, device busy or absent)."""
+
+
+_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def one_line(text: object) -> str:
+    """A message as exactly one line, for stderr, a log or a JSONL field.
+
+    Control characters (a newline inside a file name, a library's multi-line message) are written as
+    escapes rather than dropped, so the line still names the file exactly.
+    """
+    out = []
+    for char in str(text).strip():
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif not char.isprintable():  # other controls, and Unicode line separators that split lines too
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out) or "unknown error"

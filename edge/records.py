@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from .errors import one_line
+
 SCHEMA = "edge-classify/1"
 
 
@@ -36,11 +38,6 @@ def error_record(source: str, message: str, *, frame: str = "", time: str | None
     record = _head("error", source, frame, time, extra)
     record["error"] = one_line(message)
     return record
-
-
-def one_line(text: str) -> str:
-    """Collapse whitespace (newlines included) so that a message is one line of a log or a JSONL file."""
-    return " ".join(str(text).split()) or "unknown error"
 
 
 def _head(status: str, source: str, frame: str, time: str | None, extra: dict[str, Any]) -> dict[str, Any]:

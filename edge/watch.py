@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeError, InputError
-from .records import error_record, ok_record, one_line
+from .errors import EdgeError, InputError, one_line
+from .records import error_record, ok_record
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ def _classify(classifier: Any, path: Path, size: int, mtime_ns: int, top_k: int)
 
 
 def _named(path: Path, problem: object) -> str:
-    message = one_line(str(problem))
-    return message if message.startswith(f"{path}:") else f"{path}: {message}"
+    message = str(problem).strip()
+    return one_line(message if message.startswith(f"{path}:") else f"{path}: {message}")
 
 
 class _Journal:

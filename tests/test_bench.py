@@ -72,7 +72,7 @@ def base_run(tiny_model_path: Path, tiny_rgb_plain_model_path: Path, small_scans
         "--model", tiny_model_path, "--reference", f"nohead={tiny_rgb_plain_model_path}", "--images", small_scans,
         "--threads", "1", "--runs", "40", "--rounds", "4", "--warmup", "2", "--cold-starts", "1",
         "--budget-ms", "1000000", "--duration", "2s", "--sample-every", "0.5s",
-        "--json", out / "run.json", "--markdown", out / "run.md", "--histogram", out / "run.png")
+        "--out", out / "run.json", "--markdown", out / "run.md", "--histogram", out / "run.png")
     return {"code": code, "stdout": stdout, "stderr": stderr, "dir": out,
             "session": json.loads((out / "run.json").read_text())}
 
@@ -129,7 +129,7 @@ def test_run_reports(base_run: dict, tiny_model_path: Path) -> None:
 
 def test_budget_miss_fails_with_exit_1(tiny_model_path: Path, small_scans: Path, tmp_path: Path) -> None:
     code, _, stderr = _run("--model", tiny_model_path, "--images", small_scans, "--runs", "4", "--rounds", "2",
-                           "--budget-ms", "0.001", "--json", tmp_path / "r.json", *FAST)
+                           "--budget-ms", "0.001", "--out", tmp_path / "r.json", *FAST)
     assert code == 1
     assert "FAIL" in stderr and f"{_name(tiny_model_path)} x1" in stderr
     session = json.loads((tmp_path / "r.json").read_text())
@@ -140,8 +140,8 @@ def test_compare_passes_a_rerun_and_flags_a_slower_configuration(
         base_run: dict, tiny_model_path: Path, small_scans: Path, large_scans: Path, tmp_path: Path) -> None:
     rerun, slow = tmp_path / "rerun.json", tmp_path / "slow.json"
     common = ["--model", tiny_model_path, "--rounds", "4", "--budget-ms", "1000000", *FAST]
-    assert _run(*common, "--images", small_scans, "--runs", "40", "--json", rerun)[0] == 0
-    assert _run(*common, "--images", large_scans, "--runs", "8", "--json", slow)[0] == 0
+    assert _run(*common, "--images", small_scans, "--runs", "40", "--out", rerun)[0] == 0
+    assert _run(*common, "--images", large_scans, "--runs", "8", "--out", slow)[0] == 0
     base = base_run["dir"] / "run.json"
     # Generous on purpose: this 2-core test box is shared, and a preempted scan gains ~5 ms. The slower
     # configuration costs ~100 ms more per scan, far beyond the same limits.
@@ -150,7 +150,7 @@ def test_compare_passes_a_rerun_and_flags_a_slower_configuration(
     same = runner.invoke(main, ["compare", str(base), str(rerun), *limits])
     assert same.exit_code == 0, same.stdout
     assert "no regression across 1 model x threads" in same.stdout
-    worse = runner.invoke(main, ["compare", str(base), str(slow), *limits, "--json", "-"])
+    worse = runner.invoke(main, ["compare", str(base), str(slow), *limits, "--json"])
     assert worse.exit_code == 1, worse.stdout
     rows = json.loads(worse.stdout)["rows"]
     flagged = {r["metric"] for r in rows if r["status"] == "REGRESSION"}
@@ -308,7 +308,7 @@ def test_run_with_keras_reference(tiny_keras, tiny_model_path: Path, small_scans
     """--keras measures both reference styles in their own workers; both ratios reach the JSON and markdown."""
     _, path = tiny_keras
     code, stdout, stderr = _run("--model", tiny_model_path, "--keras", path, "--images", small_scans, "--runs", "6",
-                                "--rounds", "2", "--json", tmp_path / "k.json", *FAST)
+                                "--rounds", "2", "--out", tmp_path / "k.json", *FAST)
     assert code == 0, stderr
     model, *keras_rows = json.loads((tmp_path / "k.json").read_text())["results"]
     labels = ["keras-compiled+tape", "keras-predict+tape"]

@@ -116,4 +116,4 @@ def test_cli_missing_folder_is_one_line_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(main, [str(tmp_path / "nope"), str(tmp_path / "empty")])
     assert res.exit_code == 1
-    assert res.stderr.strip().splitlines() == [f"Error: {tmp_path / 'nope'}: not a directory"]
+    assert res.stderr.strip().splitlines() == [f"edge-dedup: error: {tmp_path / 'nope'}: not a directory"]

@@ -1,0 +1,70 @@
+"""Every command line of the project behaves alike at its edges: `--version`, one-line `PROG: error: ...`
+usage errors with exit code 2, and empty paths refused rather than read as the current directory."""
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+from click.testing import CliRunner
+
+import edge
+
+#: console script -> (module with `main`, arguments that make a valid call apart from the one under test)
+CLIS = {
+    "edge-classify": ("edge.cli", []),
+    "edge-convert": ("convert.convert_cli", ["m.keras", "--calibration", "c", "--out", "o.tflite"]),
+    "edge-train": ("convert.train_cli", [".", "--out", "o.keras"]),
+    "edge-dedup": ("convert.dedup_cli", [".", "."]),
+    "edge-bench": ("benchmarks.cli", ["run"]),
+}
+
+
+def invoke(prog: str, *args: str):
+    main = importlib.import_module(CLIS[prog][0]).main
+    return CliRunner().invoke(main, list(args), prog_name=prog)
+
+
+@pytest.mark.parametrize("prog", CLIS)
+def test_version(prog: str):
+    result = invoke(prog, "--version")
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(rf"{prog} {re.escape(edge.__version__)} \((.*; )?Python \d+\.\d+\.\d+\)\n", result.stdout)
+
+
+@pytest.mark.parametrize("prog", CLIS)
+def test_an_unknown_option_is_one_error_line_exit_2(prog: str):
+    result = invoke(prog, *CLIS[prog][1], "--no-such-option")
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{prog}") and ": error: " in lines[0] and "--no-such-option" in lines[0]
+    assert lines[0].endswith("--help)"), "the line says where to read more"
+
+
+@pytest.mark.parametrize("prog, args, option", [
+    ("edge-convert", ["", "--calibration", "c", "--out", "o.tflite"], "MODEL"),
+    ("edge-convert", ["m.keras", "--calibration", "c", "--out", ""], "--out"),
+    ("edge-train", ["", "--out", "o.keras"], "DATA"),
+    ("edge-dedup", ["", "."], "TRAIN_DIR"),
+    ("edge-dedup", [".", ".", "--out", ""], "--out"),
+    ("edge-bench", ["run", "--images", ""], "--images"),
+    ("edge-bench", ["run", "--model", ""], "--model"),
+    ("edge-bench", ["run", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_a_usage_error(prog: str, args: list[str], option: str):
+    result = invoke(prog, *args)
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{prog}: error: ") and option in line and "empty" in line
+
+
+def test_bench_takes_bundled_model_names_for_models_and_references(bundled_model, tmp_path):
+    """Both names resolve before anything runs: the scan folder is empty, so the run stops at that."""
+    result = invoke("edge-bench", "run", "--model", "custom-cnn", "--reference", f"big={bundled_model.stem}",
+                    "--images", str(tmp_path))
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"edge-bench: error: {tmp_path}: no scans ("), "the models were accepted"
+    unknown = invoke("edge-bench", "run", "--reference", "x=no-such-model")
+    assert unknown.exit_code == 2 and "no such model (known: " in unknown.stderr

@@ -30,6 +30,11 @@ class CameraError(EdgeError):
     """A camera source is unavailable (library missing, device busy or absent)."""
 
 
+class OutputError(EdgeError):
+    """A results file cannot be used: not a regular file, its folder cannot be made, or writing it fails
+    (disk full, read-only). Not any input's fault, so a run stops on it instead of going on unrecorded."""
+
+
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 

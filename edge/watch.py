@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeError, InputError, one_line
+from .errors import EdgeError, InputError, OutputError, one_line
 from .records import error_record, ok_record
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,31 @@ class _Journal:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{path.parent}: cannot create the folder of the results file "
+                              f"({exc.strerror or exc})") from None
         created = not path.exists()
         try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+            # Non-blocking only for the open itself, so that a FIFO given by mistake cannot hang it.
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o640)
         except OSError as exc:
-            raise EdgeError(f"{path}: cannot open the results file ({exc.strerror or exc})") from None
+            raise OutputError(f"{path}: cannot open the results file ({exc.strerror or exc})") from None
         try:
+            mode = os.fstat(self._fd).st_mode
+            if not stat.S_ISREG(mode):
+                # /dev/null cannot be fsync'ed, a FIFO not read back, /dev/zero never ends: the results file
+                # is the watch's memory, so it must be a file that keeps what is written.
+                raise OutputError(f"{path}: the results file must be a regular file, not {_kind(mode)}")
+            os.set_blocking(self._fd, True)
             _lock(self._fd, path)
             if created:
                 _fsync_dir(path.parent)
             self.done = self._load()
+        except OSError as exc:
+            os.close(self._fd)
+            raise OutputError(f"{path}: cannot read the results file ({exc.strerror or exc})") from None
         except BaseException:
             os.close(self._fd)
             raise
@@ -212,13 +227,25 @@ class _Journal:
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as exc:  # disk full, file too large, I/O error: a part line is cut on the next start
+            raise OutputError(f"{self.path}: cannot write the results file ({exc.strerror or exc})") from None
         self.done.add((record["source"], record["size"], record["mtime_ns"]))
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -229,7 +256,7 @@ def _lock(fd: int, path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise EdgeError(f"{path}: another watch process is writing these results") from None
+        raise OutputError(f"{path}: another watch process is writing these results") from None
 
 
 def _fsync_dir(directory: Path) -> None:

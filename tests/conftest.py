@@ -196,10 +196,48 @@ def run_cli():
 
     def run(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+        kwargs.setdefault("timeout", 300)
         return subprocess.run([sys.executable, "-m", "edge.cli", *map(str, args)], capture_output=True,
-                              text=True, env=full_env, timeout=300, **kwargs)
+                              text=True, env=full_env, **kwargs)
 
     return run
+
+
+def _drop_file_override() -> None:
+    """In a child process: drop CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH from the bounding set, so that after
+    exec even root is refused what permission bits forbid (root ignores them only through those two)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture()
+def unprivileged(tmp_path: Path) -> dict:
+    """`subprocess` keyword arguments that make a child honour permission bits even when run as root;
+    skips where that cannot be arranged (not Linux, or a container that forbids dropping capabilities)."""
+    import subprocess
+
+    extra: dict = {}
+    if os.geteuid() == 0:
+        if not sys.platform.startswith("linux"):
+            pytest.skip("root ignores file permissions and capabilities can only be dropped on Linux here")
+        extra["preexec_fn"] = _drop_file_override
+    locked = tmp_path / ".probe-locked"
+    locked.write_text("x")
+    locked.chmod(0)
+    probe = f"import sys\ntry:\n open({str(locked)!r}, 'rb')\nexcept PermissionError:\n sys.exit(3)\n"
+    try:
+        check = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, **extra)
+    except subprocess.SubprocessError:
+        pytest.skip("cannot drop root's file-permission override in this container")
+    finally:
+        locked.unlink()
+    if check.returncode != 3:
+        pytest.skip("permission bits are not enforced here")
+    return extra
 
 
 @pytest.fixture()

@@ -2,11 +2,9 @@
 traceback, and never stops the rest of a batch."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -115,36 +113,13 @@ def test_real_process_never_prints_a_traceback(run_cli, tiny_model_path: Path, b
     assert all(line.startswith(PREFIX) for line in proc.stderr.splitlines())
 
 
-def _drop_file_override() -> None:
-    """In the child: drop CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH from the bounding set, so after exec even
-    root is refused a mode-000 file (root ignores permission bits only through those capabilities)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def test_unreadable_file(run_cli, tiny_model_path: Path, scan_png: Path, tmp_path: Path):
+def test_unreadable_file(run_cli, tiny_model_path: Path, scan_png: Path, tmp_path: Path, unprivileged: dict):
     """chmod 000 for real. CI runs as root, which ignores permission bits, so there the CLI process is
-    started without the two capabilities that let root do so; the test skips only where that is impossible."""
+    started without the two capabilities that let root do so (the `unprivileged` fixture)."""
     locked = tmp_path / "locked.png"
     locked.write_bytes(scan_png.read_bytes())
     locked.chmod(0)
-    extra = {}
-    if os.geteuid() == 0:
-        if not sys.platform.startswith("linux"):
-            pytest.skip("root ignores file permissions and capabilities can only be dropped on Linux here")
-        extra["preexec_fn"] = _drop_file_override
-    probe = f"import sys\ntry:\n open({str(locked)!r}, 'rb')\nexcept PermissionError:\n sys.exit(3)\n"
-    import subprocess
-
-    try:
-        check = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, **extra)
-    except subprocess.SubprocessError:
-        pytest.skip("cannot drop root's file-permission override in this container")
-    if check.returncode != 3:
-        pytest.skip("a mode-000 file is still readable here")
-    proc = run_cli("--model", tiny_model_path, locked, scan_png, **extra)
+    proc = run_cli("--model", tiny_model_path, locked, scan_png, **unprivileged)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"{PREFIX}{locked}: permission denied"]
     assert len(proc.stdout.splitlines()) == 1

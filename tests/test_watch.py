@@ -278,3 +278,72 @@ def test_sigkill_and_restart_neither_repeat_nor_lose_a_result(tiny_model_path, i
     failed = any(r["status"] == "error" for r in last_run)
     assert process.returncode == (1 if failed else 0), stderr
     assert "Traceback" not in stderr
+
+
+# --- an unusable --out is one line, exit 2, at once (never a traceback, a hang or a 5 GB "journal") -------
+
+@pytest.fixture()
+def one_scan_inbox(inbox, sample_scans):
+    (inbox / "a.jpg").write_bytes(sample_scans[0].read_bytes())
+    return inbox
+
+
+def assert_refused(result_code: int, stdout: str, stderr: str, out: Path, problem: str) -> None:
+    assert result_code == 2 and stdout == ""
+    assert stderr.splitlines() == [f"edge-classify: error: {out}: {problem}"], stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full", "fifo"])
+def test_out_that_is_not_a_regular_file_is_refused(cli, tiny_model_path, one_scan_inbox, tmp_path, device):
+    out = Path(device)
+    if device == "fifo":
+        out = tmp_path / "results.fifo"
+        os.mkfifo(out)
+    elif not out.exists():
+        pytest.skip(f"{device} does not exist here")
+    kind = "a FIFO (named pipe)" if device == "fifo" else "a character device"
+    result = cli("--model", tiny_model_path, "--watch", one_scan_inbox, "--out", out, "--once")
+    assert_refused(result.exit_code, result.stdout, result.stderr, out,
+                   f"the results file must be a regular file, not {kind}")
+
+
+def test_out_dev_zero_is_refused_without_reading_it(run_cli, tiny_model_path, one_scan_inbox):
+    """In a child process: reading /dev/zero as the journal would never end (the timeout only guards that)."""
+    if not Path("/dev/zero").exists():
+        pytest.skip("/dev/zero does not exist here")
+    try:
+        proc = run_cli("--model", tiny_model_path, "--watch", one_scan_inbox, "--out", "/dev/zero", "--once",
+                       timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("--out /dev/zero hangs")
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, Path("/dev/zero"),
+                   "the results file must be a regular file, not a character device")
+
+
+def test_out_in_a_folder_that_cannot_be_created(run_cli, tiny_model_path, one_scan_inbox, tmp_path, unprivileged):
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o500)
+    out = locked / "sub" / "results.jsonl"
+    proc = run_cli("--model", tiny_model_path, "--watch", one_scan_inbox, "--out", out, "--once", **unprivileged)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"edge-classify: error: {out.parent}: cannot create the folder of the results file (Permission denied)"]
+
+
+def test_a_results_file_that_cannot_grow_stops_the_watch(run_cli, tiny_model_path, one_scan_inbox, tmp_path):
+    """A full disk, for real: the child may not write one more byte to a file (RLIMIT_FSIZE, EFBIG), the
+    same write failure as ENOSPC. Nothing is reported as done, so the scan is classified on the next run."""
+    import resource
+
+    out = tmp_path / "results.jsonl"
+    out.write_bytes(b"")
+
+    def no_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    proc = run_cli("--model", tiny_model_path, "--watch", one_scan_inbox, "--out", out, "--once", "--json",
+                   preexec_fn=no_room)
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, out, "cannot write the results file (File too large)")
+    assert out.read_bytes() == b""

@@ -69,8 +69,13 @@ def summary_text(result: dict[str, Any]) -> str:
               help="Folder the --sets paths are relative to. Default: the spec's own 'root'.")
 @click.option("--folder", "folders", multiple=True, metavar="PATH=EXPECT",
               help="External validation of one folder; EXPECT: tumour, healthy or a class (repeatable).")
+@click.option("--masks", type=click.Path(path_type=Path),
+              help="Explanation quality instead: lesion masks (0/255 PNG) mirroring DIR's paths, a.jpg -> a.png.")
+@click.option("--deletion-limit", type=click.IntRange(min=0),
+              help="With --masks: deletion/insertion on at most N scans (seeded choice; 0: none). Default: all.")
 def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | None, as_json: bool, limit: int | None,
-         threads: int | None, sets: Path | None, root: Path | None, folders: tuple[str, ...]) -> None:
+         threads: int | None, sets: Path | None, root: Path | None, folders: tuple[str, ...], masks: Path | None,
+         deletion_limit: int | None) -> None:
     """Evaluate MODEL (.tflite, .keras or .h5) on DIR, a folder with one sub-folder per label.
 
     A .tflite model runs through edge.Classifier, exactly as on a device. A Keras model must carry its
@@ -83,6 +88,12 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
     and right class, with Wilson 95% intervals, per set, source and variant, plus DIR's accuracy if given;
     --out gets external.json, external.md (the model card section) and external.png.
 
+    With --masks (a .tflite model; DIR a class-folder set or a flat folder): how well the heatmaps mark the
+    lesion: pointing game, heatmap mass inside the mask and its ratio to the mask's share of the head (also
+    for the set's average map), Pearson r with the average map, deletion/insertion AUC against a random
+    order; per true class (or predicted class outside class folders). --out gets explanations.json,
+    explanations.md (the model card table) and overlays_<class>.png (best and worst, mask outlined).
+
     \b
     Examples:
       edge-evaluate models/custom-cnn.tflite data/Testing --dedup data/dedup/brain-tumor-mri.json
@@ -91,6 +102,8 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
       edge-evaluate edge/models/custom-cnn.tflite data/Testing --dedup data/dedup/brain-tumor-mri.json \\
           --sets data/external_sets.json --out reports/ext-custom-cnn
       edge-evaluate edge/models/custom-cnn.tflite --folder clinic/tumours=tumour --folder clinic/normal=healthy
+      edge-evaluate edge/models/xception.tflite data/Testing --masks data/masks/Testing --deletion-limit 200 \\
+          --threads 1 --out reports/xception-explain
 
     \b
     Exit codes: 0 evaluated (unreadable images are warned about on stderr and listed, not fatal);
@@ -99,6 +112,15 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if root is not None and sets is None:
         raise click.UsageError("--root needs --sets")
+    if deletion_limit is not None and masks is None:
+        raise click.UsageError("--deletion-limit needs --masks")
+    if masks is not None:
+        if data_dir is None or dedup is not None or sets is not None or folders:
+            raise click.UsageError("--masks needs DIR and takes no --dedup, --sets or --folder")
+        from convert.explain_cli import evaluate_masks
+
+        return evaluate_masks(model, data_dir, masks, out=out, as_json=as_json, limit=limit, threads=threads,
+                              deletion_limit=deletion_limit)
     if sets is not None or folders:
         from convert.external_cli import run
 

@@ -204,8 +204,8 @@ def evaluate_explanations(model_path: str | Path, data_dir: str | Path, masks_di
         "data_dir": str(data_dir),
         "masks_dir": str(masks_dir),
         "settings": {"tolerance_px": em.TOLERANCE_PX, "reference_size": em.REFERENCE_SIZE, "steps": STEPS,
-                     "perturbation_baseline": f"gaussian blur, sigma = size/{BLUR_DIVISOR}", "seed": SEED, "limit": limit, "deletion_limit": deletion_limit,
-                     "head": "model crop box"},
+                     "perturbation_baseline": f"gaussian blur, sigma = size/{BLUR_DIVISOR}", "seed": SEED,
+                     "limit": limit, "deletion_limit": deletion_limit, "head": "model crop box"},
         "images": {"found": len(scans), "with_mask": len(masked), "without_mask": len(scans) - len(masked),
                    "unreadable": len(unreadable), "evaluated": len(rows), "deletion_evaluated": len(chosen)},
         "grouped_by": groups,
@@ -336,10 +336,10 @@ def write_explanations(explained: Explained, out_dir: str | Path) -> list[Path]:
     written = [out / "explanations.json", out / "explanations.md"]
     written[0].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     im = report["images"]
-    written[1].write_text(
-        f"{markdown_table(report)}\n\n{report['data_dir']} with masks from {report['masks_dir']}: {im['evaluated']} "
-        f"scans evaluated ({im['without_mask']} without a mask, {im['unreadable']} unreadable), deletion/insertion "
-        f"on {im['deletion_evaluated']} ({STEPS} steps, pixels replaced by a blurred copy, seed {SEED}).\n", encoding="utf-8")
+    note = (f"{report['data_dir']} with masks from {report['masks_dir']}: {im['evaluated']} scans evaluated "
+            f"({im['without_mask']} without a mask, {im['unreadable']} unreadable), deletion/insertion on "
+            f"{im['deletion_evaluated']} ({STEPS} steps, pixels replaced by a blurred copy, seed {SEED}).")
+    written[1].write_text(f"{markdown_table(report)}\n\n{note}\n", encoding="utf-8")
     rows = report["per_image"]
     key = report["grouped_by"]
     for name in report["summary"]:

@@ -246,13 +246,17 @@ class Emitter:
 @click.option("--out", "out_path", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="FILE",
               help="With --watch: append results to this JSON-lines file [default: results.jsonl].")
 @click.option("--once", is_flag=True, help="With --watch: classify what DIR holds now, then exit.")
+@click.option("--settle", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="SEC",
+              help="With --watch: a file is read once its size and time have not changed for SEC seconds "
+                   "(longer than the longest pause of the slowest writer, e.g. a network copy).")
 @click.option("--list-models", is_flag=True, help="List the bundled models and exit.")
 @version_option(PROG, _backend_version)
 @click.pass_context
 def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend: str | None, threads: int | None,
          top_k: int, as_json: bool, heatmap_dir: Path | None, frame: int | None,
          window: tuple[float, float] | None, keep_uids: bool, camera: bool, interval: float, preview: bool,
-         count: int | None, watch_dir: Path | None, out_path: Path | None, once: bool, list_models: bool) -> int:
+         count: int | None, watch_dir: Path | None, out_path: Path | None, once: bool, settle: float,
+         list_models: bool) -> int:
     _check_modes(ctx, paths, camera, watch_dir, list_models)
     if list_models:
         return _list_models(as_json)
@@ -285,7 +289,8 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
         if watch_dir is not None:
             from .watch import watch
 
-            watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, top_k=top_k, emit=emit)
+            watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, settle_seconds=settle,
+                  top_k=top_k, emit=emit)
             return EXIT_SOME_FAILED if emit.failures else EXIT_OK
         return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
                                frame=frame, window=window, keep_uids=keep_uids, emit=emit)
@@ -295,7 +300,7 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
 
 
 _CAMERA_ONLY = ("interval", "preview", "count")
-_WATCH_ONLY = ("out_path", "once")
+_WATCH_ONLY = ("out_path", "once", "settle")
 _PATHS_ONLY = ("frame", "window", "keep_uids")
 
 

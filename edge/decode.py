@@ -21,7 +21,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, TransientInputError
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -85,8 +85,10 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
         st = path.stat()
     except FileNotFoundError:
         raise InputError("no such file") from None
+    except PermissionError:
+        raise TransientInputError("permission denied") from None
     except OSError as exc:
-        raise InputError(f"cannot access the file ({exc.strerror or exc})") from None
+        raise TransientInputError(f"cannot access the file ({exc.strerror or exc})") from None
     if stat.S_ISDIR(st.st_mode):
         raise InputError("is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -98,12 +100,19 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
     if dicom.is_dicom(path):
         return [(suffix, _check_array(image)) for suffix, image in dicom.read_frames(path, frame, window)]
     try:
-        with path.open("rb") as fh:
-            return [("", _check_array(_from_pil(_open(fh, max_pixels))))]
+        fh = path.open("rb")
     except PermissionError:
-        raise InputError("permission denied") from None
+        raise TransientInputError("permission denied") from None
     except OSError as exc:
-        raise InputError(f"cannot read the file ({exc.strerror or exc})") from None
+        raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
+    with fh:
+        try:
+            return [("", _check_array(_from_pil(_open(fh, max_pixels))))]
+        except OSError as exc:
+            if exc.errno is not None:  # the system failed to read (a failing disk, a share gone): may pass
+                raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
+            # Pillow's own OSErrors (no errno) are about the data: the file's fault
+            raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
 
 
 def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | None,

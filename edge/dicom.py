@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DicomError
+from .errors import DicomError, MissingDecoderError, TransientInputError
 
 SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -74,6 +74,8 @@ def sop_instance_uid(path: Path) -> str | None:
             uid = ds.get("SOPInstanceUID")
         except FileNotFoundError:
             raise DicomError("file not found") from None
+        except PermissionError:
+            raise TransientInputError("permission denied") from None
         except Exception as exc:  # pydicom raises many types for corrupt headers
             raise DicomError(f"unreadable DICOM header ({type(exc).__name__})") from None
     return str(uid) if uid else None
@@ -117,7 +119,7 @@ def _pydicom() -> Any:
         import pydicom
         import pydicom.pixels  # noqa: F401  (pydicom >= 3)
     except ImportError:
-        raise DicomError("reading DICOM needs pydicom >= 3; `pip install edge-mri[dicom]`") from None
+        raise MissingDecoderError("reading DICOM needs pydicom >= 3; `pip install edge-mri[dicom]`") from None
     return pydicom
 
 
@@ -170,6 +172,8 @@ def _read_dataset(path: Path) -> Any:
         raise DicomError("file not found") from None
     except IsADirectoryError:
         raise DicomError("is a directory, not a DICOM file") from None
+    except PermissionError:
+        raise TransientInputError("permission denied") from None
     except Exception as exc:  # truncated/corrupt headers surface as EOFError, ValueError, struct.error...
         raise DicomError(f"unreadable DICOM header, truncated or corrupt ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -207,7 +211,8 @@ def _decode(ds: Any, frame: int | None) -> np.ndarray:
     except NotImplementedError:
         raise DicomError(f"transfer syntax {syntax} is not supported") from None
     if not decoder.is_available:
-        raise DicomError(f"transfer syntax {syntax} needs a decoder that is not installed ({_install_hint(decoder)})")
+        raise MissingDecoderError(f"transfer syntax {syntax} needs a decoder that is not installed "
+                                  f"({_install_hint(decoder)})")
     try:
         return pixel_array(ds, index=frame)
     except ValueError as exc:

@@ -26,6 +26,16 @@ class DicomError(InputError):
     """A DICOM file is unsupported (transfer syntax, photometric interpretation, frame) or unreadable."""
 
 
+class TransientInputError(InputError):
+    """A file that may be fine could not be read here and now: permission denied, an I/O error, or a decoder
+    (pydicom, a JPEG plugin) that is not installed. Unlike other input errors it is not the file's own
+    fault, so a watch folder tries the file again instead of recording it as failed."""
+
+
+class MissingDecoderError(DicomError, TransientInputError):
+    """A DICOM file needs a library that is not installed (pydicom, or a plugin for its transfer syntax)."""
+
+
 class CameraError(EdgeError):
     """A camera source is unavailable (library missing, device busy or absent)."""
 

@@ -175,6 +175,8 @@ def test_version_help_and_list_models(cli):
     (("--camera", "a.png"), "PATH and --camera cannot be combined"),
     (("--interval", "2", "a.png"), "--interval only applies to --camera"),
     (("--once", "a.png"), "--once only applies to --watch"),
+    (("--settle", "5", "a.png"), "--settle only applies to --watch"),
+    (("--watch", ".", "--settle", "-1"), "--settle"),
     (("--backend", "onnx", "a.png"), "--backend"),
     (("--no-such-option",), "no-such-option"),
     (("",), "a PATH is an empty string"),

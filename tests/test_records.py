@@ -12,7 +12,7 @@ import pytest
 from edge.records import SCHEMA
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "RECORDS.md"
-OPTIONAL = {"frame", "sop_instance_uid"}  # documented as present only in some cases
+OPTIONAL = {"frame", "sop_instance_uid", "retry"}  # documented as present only in some cases
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

@@ -347,3 +347,77 @@ def test_a_results_file_that_cannot_grow_stops_the_watch(run_cli, tiny_model_pat
                    preexec_fn=no_room)
     assert_refused(proc.returncode, proc.stdout, proc.stderr, out, "cannot write the results file (File too large)")
     assert out.read_bytes() == b""
+
+
+# --- only the file's own faults are final; what may pass is retried; a pausing writer gets one line --------
+
+class FinishesTheWriter:
+    """The real classifier; classifying `trigger` makes the paused writer of `target` write the rest.
+
+    Deterministic stand-in for a writer that pauses longer than the settle time: `target` is read while
+    incomplete, fails, and is completed before the watch looks at it again."""
+
+    def __init__(self, classifier: Classifier, trigger: str, target: Path, rest: bytes):
+        self.classifier, self.trigger, self.target, self.rest = classifier, trigger, target, rest
+
+    def classify(self, path):
+        if Path(path).name == self.trigger and self.rest:
+            with self.target.open("ab") as fh:
+                fh.write(self.rest)
+            self.rest = b""
+        return self.classifier.classify(path)
+
+
+def test_a_writer_pausing_past_the_settle_time_gets_one_ok_line(classifier, inbox, sample_scans):
+    data = big_jpeg(sample_scans[0])
+    slow, other = inbox / "a-slow.jpg", inbox / "b-other.jpg"
+    slow.write_bytes(data[: len(data) // 2])
+    other.write_bytes(sample_scans[1].read_bytes())
+    past = time.time_ns() - 10_000_000_000
+    os.utime(slow, ns=(past, past))  # read first (oldest first), and so while still half written
+    os.utime(other, ns=(past + 1, past + 1))
+    out = inbox.parent / "r.jsonl"
+    watcher = FinishesTheWriter(classifier, other.name, slow, data[len(data) // 2:])
+    watch(watcher, inbox, out, settle_seconds=0.2, poll_interval=0.05, once=True)
+    records = results(out)
+    assert per_file(records) == Counter([slow.name, other.name]), "no error line before the ok line"
+    assert {r["status"] for r in records} == {"ok"}
+    assert next(r for r in records if r["source"] == str(slow))["size"] == len(data)
+
+
+def test_a_dicom_dropped_before_pydicom_is_installed_is_retried(classifier, inbox, monkeypatch):
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    (inbox / "mr.dcm").write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    out = inbox.parent / "r.jsonl"
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a board where `.[dicom]` is not installed yet
+    emitted = []
+    assert watch(classifier, inbox, out, settle_seconds=0, once=True, emit=emitted.append) == 0
+    (record,) = emitted
+    assert record["status"] == "error" and record["retry"] is True and "pydicom" in record["error"]
+    assert results(out) == [], "a failure that may pass is not recorded"
+    monkeypatch.undo()  # pydicom installed; the service restarts
+    assert watch(classifier, inbox, out, settle_seconds=0, once=True) == 1
+    (done,) = results(out)
+    assert done["status"] == "ok" and done["source"] == str(inbox / "mr.dcm")
+
+
+def test_an_unreadable_file_is_reported_then_classified_once_readable(run_cli, tiny_model_path, inbox, sample_scans,
+                                                                      unprivileged):
+    locked, good = inbox / "locked.jpg", inbox / "good.jpg"
+    locked.write_bytes(sample_scans[0].read_bytes())
+    good.write_bytes(sample_scans[1].read_bytes())
+    locked.chmod(0)
+    out = inbox.parent / "results.jsonl"
+    args = ("--model", tiny_model_path, "--watch", inbox, "--out", out, "--once", "--settle", "0")
+    first = run_cli(*args, **unprivileged)
+    assert first.returncode == 1
+    assert first.stderr.splitlines() == [
+        f"edge-classify: error: {locked}: permission denied (not recorded; tried again later)"]
+    assert per_file(results(out)) == Counter([good.name])
+    locked.chmod(0o644)
+    second = run_cli(*args, **unprivileged)
+    assert second.returncode == 0, second.stderr
+    assert per_file(results(out)) == Counter([good.name, locked.name])
+    assert all(r["status"] == "ok" for r in results(out))

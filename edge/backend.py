@@ -7,17 +7,14 @@ of megabytes that a Raspberry Pi does not have.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 from .errors import BackendError, ModelError
+from .quiet import native_stderr_silenced
 
 #: Backend name -> (module path to the namespace holding ``Interpreter``, distributions that may provide it).
 #: ``tensorflow:lite`` means the attribute ``lite`` of ``tensorflow``: the public ``tf.lite`` API namespace is
@@ -94,7 +91,7 @@ def load_interpreter(
         raise BackendError(f"threads must be at least 1, got {threads}")
     module, info = find_backend(backend)
     try:
-        with _native_stderr_silenced(), warnings.catch_warnings():
+        with native_stderr_silenced(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.lite's deprecation notice: that is why it is the last resort
             interpreter = module.Interpreter(model_content=model, num_threads=threads)
             interpreter.allocate_tensors()
@@ -102,25 +99,3 @@ def load_interpreter(
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"the {info.name} interpreter cannot load the model ({reason})") from None
     return interpreter, info
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Mute what the C++ runtime prints on file descriptor 2 while a model loads.
-
-    LiteRT announces "INFO: Created TensorFlow Lite XNNPACK delegate" on every load, which would interleave
-    with a CLI's one-line errors; real load failures still arrive as Python exceptions with their message.
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable stderr (daemon, pythonw): nothing to mute
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)

@@ -9,6 +9,7 @@ large optional install, and the rest of the runtime must work without either.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .errors import CameraError, InputError
+from .quiet import native_stderr_silenced
 from .records import error_record, ok_record, utc_now
 
 PICAMERA2_MISSING = "picamera2 is not installed; `pip install edge-mri[camera]` on Raspberry Pi OS"
@@ -80,13 +82,18 @@ class OpenCVSource:
     """A USB (UVC) webcam through OpenCV; `index` is the /dev/videoN number."""
 
     def __init__(self, index: int = 0):
+        # OpenCV logs its probing ("[ WARN:0@0.03] ... can't open camera by index") on stderr; the outcome
+        # is reported here as one CameraError instead. The variable only works before cv2 is imported.
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
         try:
             import cv2
         except ImportError:
             raise CameraError(OPENCV_MISSING) from None
         self._cv2 = cv2
-        self._capture = cv2.VideoCapture(index)
-        if not self._capture.isOpened():
+        with native_stderr_silenced():
+            self._capture = cv2.VideoCapture(index)
+            opened = self._capture.isOpened()
+        if not opened:
             self._capture.release()
             raise CameraError(f"webcam {index} cannot be opened (absent, busy, or no permission on /dev/video{index})")
         # Keep one buffered frame at most: at one frame per second a deeper queue hands out stale pictures.
@@ -94,8 +101,9 @@ class OpenCVSource:
         self.index = index
 
     def read(self) -> np.ndarray:
-        self._capture.grab()  # drop the frame that waited in the buffer since the last read
-        ok, frame = self._capture.read()
+        with native_stderr_silenced():
+            self._capture.grab()  # drop the frame that waited in the buffer since the last read
+            ok, frame = self._capture.read()
         if not ok or frame is None:
             raise CameraError(f"webcam {self.index} returned no frame (unplugged?)")
         return self._cv2.cvtColor(frame, self._cv2.COLOR_BGR2RGB)

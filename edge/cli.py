@@ -19,7 +19,8 @@ from typing import Any
 import click
 
 from .backend import BACKENDS
-from .cli_common import NonEmptyPath, OneLineCommand, error, notice, reject_empty, version_option
+from .cli_common import (NonEmptyPath, OneLineCommand, error, notice, reject_empty, route_logs_and_warnings,
+                         version_option)
 from .decode import IMAGE_SUFFIXES
 from .errors import BackendError, EdgeError, InputError, ModelError, one_line
 from .records import error_record, ok_record
@@ -60,12 +61,23 @@ Exit codes:
 """
 
 
+#: True while a progress bar is drawn on stderr: a message must then first clear the bar's line.
+_bar_shown = False
+
+
 def _error(message: str) -> None:
+    _clear_bar()
     error(PROG, message)
 
 
 def _notice(message: str) -> None:
+    _clear_bar()
     notice(PROG, message)
+
+
+def _clear_bar() -> None:
+    if _bar_shown:  # back to the start of the line and erase it; the bar redraws below the message
+        click.echo("\r\x1b[K", nl=False, err=True)
 
 
 def _parse_frame(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
@@ -188,7 +200,7 @@ class OverlayNames:
 
 def format_line(record: dict[str, Any], top_k: int = 1) -> str:
     """The human line for one result record: ``scan.png  glioma  97.1%  12.3 ms`` (+ ``top_k - 1`` runners-up)."""
-    source = f"{record.get('source', '?')}{record.get('frame', '')}"
+    source = one_line(f"{record.get('source', '?')}{record.get('frame', '')}")  # a newline in a name stays in
     total = record.get("timings_ms", {}).get("total", 0.0)
     line = f"{source}  {record.get('label')}  {100.0 * record.get('confidence', 0.0):.1f}%  {total:.1f} ms"
     others = record.get("top_k", [])[1:top_k]
@@ -257,6 +269,7 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
          window: tuple[float, float] | None, keep_uids: bool, camera: bool, interval: float, preview: bool,
          count: int | None, watch_dir: Path | None, out_path: Path | None, once: bool, settle: float,
          list_models: bool) -> int:
+    route_logs_and_warnings(PROG)
     _check_modes(ctx, paths, camera, watch_dir, list_models)
     if list_models:
         return _list_models(as_json)
@@ -360,11 +373,23 @@ def _list_models(as_json: bool) -> int:
 def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k: int, heatmap_dir: Path | None,
                     frame: int | None, window: tuple[float, float] | None, keep_uids: bool,
                     emit: Emitter) -> int:
+    global _bar_shown
     names = OverlayNames(heatmap_dir) if heatmap_dir is not None else None
     show_bar = (not as_json and len(items) > PROGRESS_MIN_ITEMS and sys.stderr.isatty()
                 and not sys.stdout.isatty())
     progress = (click.progressbar(items, label="classifying", file=sys.stderr, show_pos=True) if show_bar
                 else contextlib.nullcontext(items))
+    _bar_shown = show_bar
+    try:
+        _run_items(classifier, progress, top_k=top_k, names=names, frame=frame, window=window,
+                   keep_uids=keep_uids and as_json, emit=emit)
+    finally:
+        _bar_shown = False
+    return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+
+
+def _run_items(classifier: Any, progress: Any, *, top_k: int, names: OverlayNames | None, frame: int | None,
+               window: tuple[float, float] | None, keep_uids: bool, emit: Emitter) -> None:
     with progress as bar:
         for item in bar:
             if item.problem is not None:
@@ -372,7 +397,7 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
                 continue
             try:
                 records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
-                                         keep_uids=keep_uids and as_json)
+                                         keep_uids=keep_uids)
             except (ModelError, BackendError):
                 raise
             except EdgeError as exc:
@@ -383,7 +408,6 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
                 continue
             for record in records:
                 emit(record)
-    return EXIT_SOME_FAILED if emit.failures else EXIT_OK
 
 
 def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNames | None, frame: int | None,

@@ -5,8 +5,10 @@ runtime-only install must still be able to print their one-line errors.
 """
 from __future__ import annotations
 
+import logging
 import platform
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +106,28 @@ def version_option(prog: str, details: Callable[[], str] | None = None) -> Calla
 
     return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show,
                         help="Show the version, then exit.")
+
+
+class _OneLineLogHandler(logging.Handler):
+    """Library log records (the watch's "cutting a torn last line") as ``PROG: warning: ...`` lines."""
+
+    def __init__(self, prog: str):
+        super().__init__(logging.WARNING)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(self.prog, "error" if record.levelno >= logging.ERROR else "warning", record.getMessage())
+
+
+def route_logs_and_warnings(prog: str) -> None:
+    """Make the runtime's log records and any Python warning one prefixed line on stderr, like every other
+    message of ``prog`` (Python's defaults print a bare message, or two lines with a source excerpt)."""
+    logger = logging.getLogger("edge")
+    if not any(isinstance(h, _OneLineLogHandler) for h in logger.handlers):
+        logger.addHandler(_OneLineLogHandler(prog))
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        say(prog, "warning", f"{category.__name__}: {message}")
+
+    warnings.showwarning = show

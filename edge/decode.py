@@ -14,7 +14,6 @@ import io
 import os
 import stat
 import tempfile
-import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, TransientInputError
+from .quiet import warnings_ignored
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -132,9 +132,9 @@ def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | 
 
 def _open(fh: BinaryIO, max_pixels: int) -> Image.Image:
     """Open and fully decode an image file object, refusing oversized and malformed images."""
-    with warnings.catch_warnings():
-        # Pillow only warns between its own limit and twice that; the size check below is the real guard.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # Pillow's warnings (a decompression-bomb size between its limit and twice that, for which the size check
+    # below is the real guard; a malformed EXIF or MPO block) are noise to a user and would print two lines.
+    with warnings_ignored():
         try:
             img = Image.open(fh)
         except Image.DecompressionBombError as exc:
@@ -153,13 +153,15 @@ def _load(img: Image.Image, max_pixels: int) -> Image.Image:
     if min(width, height) < MIN_SIDE:
         raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
     try:
-        img.load()
+        with warnings_ignored():
+            img.load()
     except OSError as exc:
         raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
     except Exception as exc:  # Pillow's decoders raise SyntaxError, ValueError, struct.error, ... on bad data
         raise InputError(f"corrupt image data ({type(exc).__name__}: {_first_line(exc)})") from None
     try:
-        return ImageOps.exif_transpose(img)
+        with warnings_ignored():  # "Corrupt EXIF data": only the orientation hint is lost
+            return ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block only loses the orientation hint, not the scan
         return img
 

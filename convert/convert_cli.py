@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge.cli_common import NonEmptyPath, OneLineCommand, error, version_option
+from edge.cli_common import MissingExtra, NonEmptyPath, OneLineCommand, error, require_extra, version_option
 
 PROG = "edge-convert"
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
@@ -41,7 +41,8 @@ Exit codes:
   0  converted
   1  the model cannot be converted as asked (unsupported head layer, bad --target-layer, --labels
      count differs from the model's outputs, non-builtin op)
-  2  bad command line (unknown option or normalisation, empty label, ...)
+  2  bad command line (unknown option or normalisation, empty label, ...), or the `convert` extra
+     (TensorFlow) is not installed
   3  an input is missing or unreadable (model file, calibration folder, no readable images)
 """
 
@@ -122,6 +123,10 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
          also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
          name: str | None, as_json: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        require_extra(["tensorflow", "keras"], "convert", "edge-convert")
+    except MissingExtra as exc:
+        _fail(exc.message, EXIT_USAGE, as_json)
     from convert import calibration, normalisation
 
     label_list = None

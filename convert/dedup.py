@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import imagehash
 import numpy as np
 from PIL import Image
 
@@ -95,7 +94,7 @@ def centred_gray(image: np.ndarray) -> Image.Image:
                          resample=Image.BILINEAR, fillcolor=0)
 
 
-def _as_int(h: imagehash.ImageHash) -> int:
+def _as_int(h: "imagehash.ImageHash") -> int:  # noqa: F821 (imported where hashes are made)
     return int.from_bytes(np.packbits(np.asarray(h.hash, bool).ravel()).tobytes(), "big")
 
 
@@ -106,6 +105,8 @@ def hash_image(path: Path) -> ImageHashes:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    import imagehash  # the `convert` extra; imported here so that `edge-dedup --help` works without it
+
     img = centred_gray(decode(path))
     return ImageHashes(hashlib.sha256(data).hexdigest(), _as_int(imagehash.phash(img)), _as_int(imagehash.dhash(img)))
 

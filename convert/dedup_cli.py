@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 import click
 
-from edge.cli_common import NonEmptyPath, OneLineCommand, version_option, warning
+from edge.cli_common import NonEmptyPath, OneLineCommand, require_extra, version_option, warning
 
 from . import dedup
 
@@ -62,8 +62,9 @@ def main(train_dir: Path, test_dir: Path, out: Path | None, threshold: int, as_j
 
     \b
     Exit codes: 0 done (whether or not copies were found); 1 a folder is missing or holds no images;
-    2 bad usage. Unreadable images are reported on stderr and in the report, and do not stop the run.
+    2 bad usage, or the `convert` extra is not installed. Unreadable images are reported on stderr and in the report, and do not stop the run.
     """
+    require_extra(["imagehash"], "convert", "edge-dedup")
     try:
         report = dedup.check_leakage(train_dir, test_dir, threshold, progress=_bar)
     except ValueError as exc:

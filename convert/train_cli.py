@@ -1,11 +1,12 @@
 """`edge-train`: train one of the shipped architectures on a class-folder data set."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from edge.cli_common import NonEmptyPath, OneLineCommand, version_option
+from edge.cli_common import NonEmptyPath, OneLineCommand, require_extra, version_option
 
 PROG = "edge-train"
 
@@ -69,8 +70,11 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
           --weights ../shared/weights/xception_imagenet_notop.weights.h5 --out runs/xception.keras \\
           --input-size 150 --epochs 3 --fine-tune-epochs 0 --full-epochs 14 --batch-size 32
 
-    Exit codes: 0 trained and saved; 1 bad data or options; 2 usage error.
+    Exit codes: 0 trained and saved; 1 bad data or options; 2 usage error, or the `convert` extra (Keras
+    and its backend) is not installed.
     """
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    require_extra(["keras", backend], "convert", f"edge-train (Keras on {backend})")
     from convert import train
 
     if weights is not None and arch != "xception":

@@ -5,11 +5,12 @@ runtime-only install must still be able to print their one-line errors.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import platform
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -106,6 +107,31 @@ def version_option(prog: str, details: Callable[[], str] | None = None) -> Calla
 
     return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show,
                         help="Show the version, then exit.")
+
+
+class MissingExtra(click.ClickException):
+    """A host-side step needs libraries of an extra this install lacks (a runtime-only `pip install .`)."""
+
+    exit_code = EXIT_USAGE
+
+
+def require_extra(modules: Sequence[str], extra: str, purpose: str) -> None:
+    """Stop with one line naming the extra to install when any of ``modules`` cannot be imported.
+
+    Checked by name (`importlib.util.find_spec`), without importing: TensorFlow takes seconds to import,
+    and the step imports it right after anyway.
+    """
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise MissingExtra(f"{purpose} needs {', '.join(missing)}, which this install lacks; "
+                           f"pip install \"edge-mri[{extra}]\" (from a checkout: pip install \".[{extra}]\")")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or the module blocked (None in sys.modules)
+        return False
 
 
 class _OneLineLogHandler(logging.Handler):

@@ -66,3 +66,21 @@ class Intensity(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "seed": self.seed}
+
+
+def site_style(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
+    """What differs between scanners beyond gain and contrast, on 0..255 float pixels [B, S, S, C].
+
+    A smooth multiplicative bias field (coil sensitivity; up to about +-30% across the head) on every
+    image, and on a random third of them a loss of resolution (thick slices, low-field scanners, a film
+    photographed by a phone): the image averaged 2x2, scaled back up, and blended with the original by a
+    random weight, which spans resolutions between full and half with static shapes (tf.data and XLA
+    need those).
+    """
+    b, s = ops.shape(x)[0], ops.shape(x)[1]
+    coarse = normal((b, 4, 4, 1)) * uniform((b, 1, 1, 1), 0.0, 0.3)
+    field = ops.exp(ops.image.resize(coarse, (s, s), interpolation="bilinear"))
+    y = ops.clip(x * field, 0.0, 255.0)
+    low = ops.image.resize(ops.average_pool(y, 2, 2, "valid"), (s, s), interpolation="bilinear")
+    t = uniform((b, 1, 1, 1), 0.4, 1.0)
+    return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < 0.33, t * low + (1.0 - t) * y, y)

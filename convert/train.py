@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from convert import augment
+from convert import augment, training_sources
 from convert.dataset import FolderData, class_weights, load_folder, stratified_split
 from convert.keras_io import save_model
 from convert.normalisation import apply as normalise, parse as parse_norm
@@ -49,14 +49,21 @@ class TrainConfig:
     limit: int | None = None
     cache_dir: Path | None = None
     init: Path | None = None
+    stride: int = 16
+    masks: Path | None = None
+    extra_healthy: tuple[Path, ...] = ()
+    healthy_per_epoch: int | None = None
+    paste_fraction: float = 0.0
+    mask_weight: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        """True for the generalising custom-CNN recipe (masks, other sources, pastes, mask-guided loss)."""
+        return self.masks is not None or bool(self.extra_healthy)
 
 
 def _channels(arch: str) -> int:
     return 1 if arch == "custom-cnn" else 3
-
-
-def _subset(d: FolderData, idx: np.ndarray) -> FolderData:
-    return FolderData(d.x[idx], d.y[idx], d.labels, [d.paths[i] for i in idx], [])
 
 
 def _limit(d: FolderData, limit: int | None, seed: int) -> FolderData:
@@ -66,7 +73,7 @@ def _limit(d: FolderData, limit: int | None, seed: int) -> FolderData:
     rng = np.random.default_rng(seed)
     per = max(1, limit // len(d.labels))
     idx = np.concatenate([rng.permutation(np.flatnonzero(d.y == c))[:per] for c in range(len(d.labels))])
-    return _subset(d, np.sort(idx))
+    return d.take(np.sort(idx))
 
 
 def _augmented_batches(x: np.ndarray, y: np.ndarray, batch: int, seed: int, num_classes: int):
@@ -183,7 +190,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     """End-to-end training of the custom CNN with on-the-fly augmentation."""
     from convert.architectures import custom_cnn
 
-    model = custom_cnn(cfg.input_size, 1, len(train.labels))
+    model = custom_cnn(cfg.input_size, 1, len(train.labels), stride=cfg.stride)
     if cfg.init is not None:
         _load_start(model, cfg, train.labels)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
@@ -195,6 +202,94 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
         callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs", cfg.epochs, "", model),
     )
     return model, hist.history, _val_accuracy(model, val)
+
+
+def _guided_stream(cfg: TrainConfig, pools, paste_n: int, stride: int, num_classes: int):
+    """tf.data over :func:`training_sources.epochs`: a new composition (healthy draws, pastes) per epoch.
+
+    Geometry moves image and mask together (they are stacked as two channels); intensity and site-style
+    changes touch the image only. The mask is then averaged onto the feature-map grid.
+    """
+    import tensorflow as tf
+
+    from convert import training_sources
+
+    stream = training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n)
+    b = cfg.batch_size
+
+    def gen():
+        e = next(stream)
+        for i in range(0, e.y.size, b):
+            yield e.x[i:i + b], e.masks[i:i + b], e.y[i:i + b], e.has_mask[i:i + b], e.weight[i:i + b]
+
+    s = cfg.input_size
+    sig = (tf.TensorSpec((None, s, s, 1), tf.uint8), tf.TensorSpec((None, s, s), tf.uint8),
+           tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.bool), tf.TensorSpec((None,), tf.float32))
+    geo = augment.build(cfg.seed)
+    norm = parse_norm(PREPROCESS, 1)
+
+    def aug(x, m, y, has, w):
+        both = geo(tf.concat([tf.cast(x, tf.float32), tf.cast(m, tf.float32)[..., None] / 255.0], -1),
+                   training=True)
+        img = augment.intensity(both[..., :1], tf.random.uniform, tf.random.normal)
+        img = augment.site_style(img, tf.random.uniform, tf.random.normal)
+        grid = tf.nn.avg_pool2d(both[..., 1:], stride, stride, "VALID")[..., 0]
+        return normalise(img, norm), (tf.one_hot(y, num_classes), grid, tf.cast(has, tf.float32), w)
+
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).map(aug, num_parallel_calls=2).prefetch(2)
+
+
+def _guided_plain(e, stride: int, num_classes: int, batch: int):
+    """The validation set as (normalised image, targets) batches, no augmentation."""
+    import tensorflow as tf
+
+    norm = parse_norm(PREPROCESS, 1)
+    ds = tf.data.Dataset.from_tensor_slices((e.x, e.masks, e.y, e.has_mask, e.weight)).batch(batch)
+
+    def plain(x, m, y, has, w):
+        grid = tf.nn.avg_pool2d(tf.cast(m, tf.float32)[..., None] / 255.0, stride, stride, "VALID")[..., 0]
+        return normalise(tf.cast(x, tf.float32), norm), (tf.one_hot(y, num_classes), grid, tf.cast(has, tf.float32), w)
+
+    return ds.map(plain).prefetch(2)
+
+
+def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
+    """The generalising custom-CNN recipe: class folders + other healthy sources + fresh tumour pastes every
+    epoch, site-style augmentation, and the mask-guided CAM loss (:mod:`convert.guided`).
+
+    Validation is the held-out part of every pool plus pastes made only from held-out images (fixed seed),
+    so the checkpoint chosen is the one that also finds pasted tumours in other sources' brains.
+    """
+    import keras
+
+    from convert import training_sources
+    from convert.architectures import custom_cnn
+    from convert.guided import GuidedModel
+
+    labels = pools.main.labels
+    num = len(labels)
+    net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride)
+    if cfg.init is not None:
+        _load_start(net, cfg, labels)
+    stride = cfg.input_size // net.get_layer("b3_out").output.shape[1]
+    n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
+    paste_n = int(round(cfg.paste_fraction * n_tumour)) if pools.main.masks is not None else 0
+    n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
+    val = training_sources.compose(val_pools, np.random.default_rng(cfg.seed + 1000), None,
+                                   int(round(cfg.paste_fraction * n_val_tumour)) if paste_n else 0)
+    model = GuidedModel(net, "b3_out", cfg.mask_weight)
+    healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
+    steps = int(np.ceil((pools.main.y.size + healthy_n + paste_n) / cfg.batch_size))
+    sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, steps * cfg.epochs), alpha=0.05)
+    model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=1e-4))
+    hist = model.fit(_guided_stream(cfg, pools, paste_n, stride, num),
+                     validation_data=_guided_plain(val, stride, num, 64), epochs=cfg.epochs, verbose=0,
+                     callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs (guided)", cfg.epochs, "", net))
+    clean = FolderData(val.x, val.y, labels, [], [])
+    recipe = {"stride": cfg.stride, "grid": int(net.get_layer("b3_out").output.shape[1]),
+              "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
+              "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum())}
+    return net, hist.history, _val_accuracy(net, clean), recipe
 
 
 #: Xception is cut where block 14 starts: everything below is frozen (features cached), block 14 and the
@@ -424,6 +519,29 @@ def _fine_tune_whole(cfg: TrainConfig, model, base, train: FolderData, val: Fold
                      "phase3_")
 
 
+def _jsonable(value):
+    """Config values as JSON: paths as strings, tuples of paths as lists of strings."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
+    """(training pools, validation pools): the class-folder split plus extra healthy slices split by subject."""
+    healthy = training_sources.load_healthy(list(cfg.extra_healthy), train.labels, cfg.input_size, PIPELINE,
+                                            cfg.cache_dir)
+    if train.masks is None:  # no masks: no pastes and no mask loss, but the other sources still count
+        for d in (train, val):
+            d.masks = np.zeros(d.x.shape[:3], np.uint8)
+            d.has_mask = np.zeros(d.y.size, bool)
+    if healthy is None:
+        return training_sources.Pools(train, None), training_sources.Pools(val, None)
+    tr, va = training_sources.subject_split(healthy.paths, cfg.val_fraction, cfg.seed)
+    return training_sources.Pools(train, healthy.take(tr)), training_sources.Pools(val, healthy.take(va))
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg.arch`` on ``cfg.data/Training`` (or ``cfg.data`` itself); save .keras + log + curves."""
     import keras
@@ -431,13 +549,25 @@ def run(cfg: TrainConfig) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     root = cfg.data / "Training" if (cfg.data / "Training").is_dir() else cfg.data
     channels = _channels(cfg.arch)
-    data = _limit(load_folder(root, cfg.input_size, channels, PIPELINE, cache_dir=cfg.cache_dir), cfg.limit, cfg.seed)
+    mask_root = None
+    if cfg.masks is not None:
+        training_sources.check_trainable(cfg.masks)
+        mask_root = cfg.masks / root.name if root != cfg.data and (cfg.masks / root.name).is_dir() else cfg.masks
+    data = _limit(load_folder(root, cfg.input_size, channels, PIPELINE, cache_dir=cfg.cache_dir,
+                              mask_root=mask_root), cfg.limit, cfg.seed)
     tr_idx, va_idx = stratified_split(data.y, cfg.val_fraction, cfg.seed)
-    train, val = _subset(data, tr_idx), _subset(data, va_idx)
+    train, val = data.take(tr_idx), data.take(va_idx)
     run_dir = cfg.out.parent / (cfg.out.stem + "_run")
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if cfg.arch == "custom-cnn":
+    recipe: dict = {}
+    files = {"train": train.paths, "val": val.paths}
+    if cfg.arch == "custom-cnn" and cfg.guided:
+        pools, val_pools = _guided_pools(cfg, train, val)
+        files["healthy_train"] = [] if pools.healthy is None else pools.healthy.paths
+        files["healthy_val"] = [] if val_pools.healthy is None else val_pools.healthy.paths
+        model, history, val_acc, recipe = train_guided(cfg, pools, val_pools, run_dir)
+    elif cfg.arch == "custom-cnn":
         model, history, val_acc = train_custom(cfg, train, val, run_dir)
     elif cfg.arch == "xception":
         model, history, val_acc = train_xception(cfg, train, val, run_dir)
@@ -454,13 +584,14 @@ def run(cfg: TrainConfig) -> dict:
         "training": {
             "data": str(root), "images": int(data.y.size), "train": int(train.y.size), "val": int(val.y.size),
             "skipped": data.skipped, "epochs_run": len(history.get("loss", [])), "seconds": round(seconds, 1),
-            "val_accuracy": val_acc, "params": int(model.count_params()),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
+            "val_accuracy": val_acc, "params": int(model.count_params()), **({"recipe": recipe} if recipe else {}),
+            "config": {k: _jsonable(v) for k, v in cfg.__dict__.items()},
         },
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, cfg.out, carried)
     (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    (run_dir / "files.json").write_text(json.dumps(files, indent=0))
     from convert import plots
 
     plots.learning_curves(history, run_dir / "learning_curves.png", f"{cfg.arch} ({cfg.input_size}px)")

@@ -46,10 +46,29 @@ PROG = "edge-train"
               help="Start from this edge-train model (.keras) or an earlier run's checkpoint (.weights.h5) of "
                    "the same architecture and size: a second stage when validation accuracy was still rising. "
                    "xception: skips phases 1-2 and continues phase 3 (needs --full-epochs).")
+@click.option("--stride", type=click.Choice(["8", "16"]), default="16", show_default=True,
+              help="custom-cnn only: total stride of the last feature map, i.e. the heatmap grid (8: 12x12 at "
+                   "96 px, fine enough to mark a lesion; 16: 6x6, the first releases).")
+@click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="custom-cnn only: lesion masks mirroring DATA (Training/<class>/ or <class>/; a .png per image where known). "
+                   "Turns on tumour copy-paste and the mask-guided heatmap loss.")
+@click.option("--extra-healthy", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="custom-cnn only, repeatable: a folder of healthy slices of another source, trained as "
+                   "'notumor' (split by subject: the file name up to its first '_'). Validation-only folders "
+                   "(external-dev, IXI dev) are refused.")
+@click.option("--healthy-per-epoch", type=click.IntRange(min=1), default=None,
+              help="Draw this many extra healthy slices afresh every epoch [default: all of them].")
+@click.option("--paste-fraction", type=click.FloatRange(0, 5), default=0.0, show_default=True,
+              help="With --masks: tumour copy-paste samples per epoch, as a fraction of the real tumour slices "
+                   "(real lesions pasted into healthy slices of every source, new ones every epoch).")
+@click.option("--mask-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --masks: weight of the loss on the true class's CAM energy outside the lesion mask.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, fine_tune_epochs: int,
          full_epochs: int, batch_size: int, lr: float, val_fraction: float, patience: int, weights: str | None,
-         feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, seed: int) -> None:
+         feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, stride: str,
+         masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
+         mask_weight: float, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -85,6 +104,13 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         raise click.UsageError("--full-epochs applies to --arch xception only")
     if init is not None and arch == "xception" and not full_epochs:
         raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
+    guided = masks is not None or extra_healthy
+    if arch != "custom-cnn" and (guided or stride != "16"):
+        raise click.UsageError("--stride, --masks and --extra-healthy apply to --arch custom-cnn only")
+    if masks is None and (paste_fraction or mask_weight):
+        raise click.UsageError("--paste-fraction and --mask-weight need --masks")
+    if healthy_per_epoch and not extra_healthy:
+        raise click.UsageError("--healthy-per-epoch needs --extra-healthy")
     w = None if weights in (None, "none") else weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise click.BadParameter(f"{w}: no such weights file", param_hint="--weights")
@@ -92,7 +118,9 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         arch=arch, data=data, out=out, input_size=input_size or (96 if arch == "custom-cnn" else 160),
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience, seed=seed,
         weights=w, fine_tune_epochs=fine_tune_epochs, full_epochs=full_epochs, feature_copies=feature_copies,
-        limit=limit, cache_dir=cache_dir, init=init,
+        limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), masks=masks,
+        extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
+        mask_weight=mask_weight,
     )
     carried = train.run(cfg)
     t = carried["training"]

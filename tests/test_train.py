@@ -159,7 +159,7 @@ def test_live_phases_train_what_each_phase_unfreezes(tmp_path: Path) -> None:
         return any(not np.array_equal(x, y) for x, y in zip(a[name], b[name]))
 
     before = snapshot()
-    histories = train._live_phases(cfg, model, base, train._subset(data, tr), train._subset(data, va), tmp_path)
+    histories = train._live_phases(cfg, model, base, data.take(tr), data.take(va), tmp_path)
     after = snapshot()
     assert len(histories) == 2 and all(np.isfinite(h["loss"]).all() for h in histories)
     assert moved(before, after, "predictions") and moved(before, after, "block14_sepconv1")
@@ -179,3 +179,67 @@ def test_intensity_augmentation_is_random_in_training_and_identity_at_inference(
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255
     assert not np.allclose(y, x, atol=1.0)
     assert len({float(np.abs(y[i] - x[i]).mean()) for i in range(4)}) == 4, "one draw per image"
+
+
+MASKS = Path(__file__).parent / "data" / "mri_sample_masks"
+IXI = Path(__file__).parent / "data" / "ixi_sample"
+
+
+def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path) -> None:
+    """Masks, another source's healthy slices, pastes and the mask loss in one tiny run; the stride-8 model
+    converts with a 2x finer heatmap grid and the run lists exactly the files it trained on."""
+    import csv
+
+    from convert.convert_cli import main as convert_main
+    from convert.train_cli import main as train_main
+    from edge import Classifier
+
+    out = tmp_path / "g.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
+                                          "--batch-size", "8", "--val-fraction", "0.25", "--stride", "8",
+                                          "--masks", str(MASKS), "--extra-healthy", str(IXI),
+                                          "--paste-fraction", "1", "--mask-weight", "1"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "g_run" / "log.csv").open()))
+    assert len(rows) == 1 and 0 < float(rows[0]["outside"]) <= 1 and np.isfinite(float(rows[0]["val_loss"]))
+    files = json.loads((tmp_path / "g_run" / "files.json").read_text())
+    assert len(files["healthy_train"]) + len(files["healthy_val"]) == 8
+    subjects = lambda key: {Path(p).name.split("_")[0] for p in files[key]}  # noqa: E731
+    assert subjects("healthy_train") and subjects("healthy_val") and not subjects("healthy_train") & subjects("healthy_val")
+    assert len(files["train"]) + len(files["val"]) == 32
+    with zipfile.ZipFile(out) as zf:
+        recipe = json.loads(zf.read("edge_mri.json"))["training"]["recipe"]
+    assert recipe["grid"] == 4 and recipe["pastes_per_epoch"] > 0
+    tfl = tmp_path / "g.tflite"
+    res = CliRunner().invoke(convert_main, [str(out), "--calibration", str(SAMPLE), "--out", str(tfl),
+                                            "--num-calibration", "16"])
+    assert res.exit_code == 0, res.output
+    r = Classifier(tfl, threads=1).classify(next((SAMPLE / "glioma").glob("*.jpg")))
+    assert r.heatmap.shape == (32, 32)
+
+
+def test_guided_options_are_checked(tmp_path: Path) -> None:
+    from convert.train_cli import main as train_main
+
+    base = [str(SAMPLE), "--out", str(tmp_path / "x.keras")]
+    res = CliRunner().invoke(train_main, base + ["--paste-fraction", "0.5"])
+    assert res.exit_code == 2 and "need --masks" in res.output
+    res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none", "--masks", str(MASKS)])
+    assert res.exit_code == 2 and "custom-cnn only" in res.output
+    bad = tmp_path / "external-dev" / "healthy"
+    bad.mkdir(parents=True)
+    res = CliRunner().invoke(train_main, base + ["--extra-healthy", str(bad), "--epochs", "1"])
+    assert res.exit_code == 2 and "validation-only" in res.output
+
+
+def test_outside_energy_counts_positive_evidence_outside_the_mask() -> None:
+    import tensorflow as tf
+
+    from convert.guided import outside_energy
+
+    mask = np.zeros((1, 4, 4), np.float32)
+    mask[0, :2] = 1
+    inside = np.where(mask > 0, 2.0, -1.0).astype(np.float32)  # all positive evidence inside
+    half = np.ones((1, 4, 4), np.float32)
+    got = outside_energy(tf.constant(np.concatenate([inside, half])), tf.constant(np.concatenate([mask, mask])))
+    assert np.allclose(got.numpy(), [0.0, 0.5], atol=1e-5)

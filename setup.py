@@ -20,7 +20,9 @@ CONVERT = [
     "matplotlib>=3.7",
     "imagehash>=4.3",
 ]
-DICOM = ["pydicom>=3.0", "pylibjpeg>=2.0"]
+# pylibjpeg-libjpeg decodes JPEG Lossless, JPEG-LS and 12-bit JPEG (Pillow, pydicom's default, does not);
+# it has wheels for Linux x86_64 and aarch64 on Python 3.10-3.12, so a Pi installs it without compiling.
+DICOM = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"]
 
 setup(
     name="edge-mri",

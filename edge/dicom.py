@@ -16,7 +16,8 @@ raw element values, e.g. an invalid birth date) are silenced while a file is rea
 offered is the SOP Instance UID, through `sop_instance_uid`, for callers that opt in.
 
 pydicom (>= 3) is imported lazily so the runtime installs and runs without it; `pip install
-edge-mri[dicom]` adds it together with pylibjpeg for JPEG-compressed transfer syntaxes.
+"edge-mri[dicom]"` adds it together with pylibjpeg and its libjpeg plugin, which decode what Pillow cannot:
+JPEG Lossless, 12-bit JPEG Extended and JPEG-LS.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import apply_voi, apply_windowing  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import MPEG2MPML, JPEGLSLossless  # noqa: E402
+from pydicom.uid import MPEG2MPML  # noqa: E402
 
 from edge.dicom import is_dicom, read_frames, sop_instance_uid  # noqa: E402
 from edge.errors import DicomError, InputError  # noqa: E402
@@ -257,16 +257,53 @@ def test_unsupported_transfer_syntax_is_named(tmp_path):
     assert MPEG2MPML.name in str(info.value) and str(MPEG2MPML) in str(info.value)
 
 
-def test_jpeg_ls_needs_its_decoder():
-    """Readable when a JPEG-LS plugin is installed; otherwise the error names the syntax and the fix."""
-    from pydicom.pixels import get_decoder
+#: Compressed files `.[dicom]` must decode (its pylibjpeg-libjpeg plugin), each with its uncompressed twin.
+COMPRESSED = {"SC_rgb_jpeg_gdcm.dcm": "SC_rgb_rle.dcm",            # JPEG Lossless (process 14)
+              "MR_small_jpeg_ls_lossless.dcm": "MR_small.dcm",     # JPEG-LS Lossless
+              "JPGExtended.dcm": None}                             # 12-bit JPEG Extended (lossy: no twin)
 
-    path = data("MR_small_jpeg_ls_lossless.dcm")
-    if get_decoder(JPEGLSLossless).is_available:
-        np.testing.assert_allclose(read_frames(path)[0][1], read_frames(data("MR_small.dcm"))[0][1], atol=1e-3)
-    else:
-        with pytest.raises(DicomError, match=r"JPEG-LS Lossless.*1\.2\.840\.10008\.1\.2\.4\.80.*install pylibjpeg"):
-            read_frames(path)
+
+def test_the_dicom_extra_declares_the_jpeg_plugin():
+    from importlib.metadata import requires
+
+    declared = [r for r in requires("edge-mri") or [] if 'extra == "dicom"' in r]
+    assert any(r.startswith("pylibjpeg-libjpeg") for r in declared), declared
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_jpeg_lossless_jpeg_ls_and_12_bit_jpeg_are_decoded(name):
+    (suffix, image), = read_frames(data(name))
+    assert image.ndim == 2 and image.std() > 5
+    if COMPRESSED[name] is not None:  # lossless: exactly the uncompressed file's display image
+        np.testing.assert_allclose(image, read_frames(data(COMPRESSED[name]))[0][1], atol=1e-3)
+
+
+def test_edge_classify_reads_the_compressed_files(run_cli, tiny_model_path):
+    files = [data(name) for name in COMPRESSED]
+    done = run_cli("--json", "--model", tiny_model_path, *files)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["status"] for line in done.stdout.splitlines()] == ["ok"] * len(files)
+    assert done.stderr == ""
+
+
+def test_a_missing_decoder_names_the_syntax_and_the_plugin(tmp_path):
+    """HTJ2K needs pylibjpeg-openjpeg, which the extra does not install: the error says so, and is a
+    MissingDecoderError, which a watch folder retries rather than records."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import HTJ2KLossless
+
+    from edge.errors import MissingDecoderError, TransientInputError
+
+    if get_decoder(HTJ2KLossless).is_available:
+        pytest.skip("an HTJ2K decoder is installed here")
+    ds = pydicom.dcmread(data("MR_small.dcm"))
+    ds.PixelData = encapsulate([b"\xff\x4f" + bytes(64)])
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(tmp_path / "htj2k.dcm", enforce_file_format=True)
+    with pytest.raises(MissingDecoderError, match=r"High-Throughput JPEG 2000.*needs a decoder that is not installed "
+                                                  r"\(install pylibjpeg>=2\.0 and pylibjpeg-openjpeg") as info:
+        read_frames(tmp_path / "htj2k.dcm")
+    assert isinstance(info.value, TransientInputError) and isinstance(info.value, DicomError)
 
 
 @pytest.mark.parametrize("name", ["rtplan.dcm", "no_meta.dcm"])

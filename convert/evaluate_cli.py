@@ -9,7 +9,11 @@ from typing import Any, Iterable, Sequence
 
 import click
 
+from edge.cli_common import (NonEmptyPath, OneLineCommand, bundled_or_path, require_extra, version_option,
+                             warning)
 from edge.errors import EdgeError
+
+PROG = "edge-evaluate"
 
 
 def _bar(paths: Sequence[Path]) -> Iterable[Path]:
@@ -51,12 +55,13 @@ def summary_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("data_dir", metavar="[DIR]", type=click.Path(path_type=Path), required=False)
+@click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option(PROG)
+@click.argument("model", metavar="MODEL", callback=bundled_or_path)
+@click.argument("data_dir", metavar="[DIR]", type=NonEmptyPath(path_type=Path), required=False)
 @click.option("--dedup", type=click.Path(dir_okay=False, path_type=Path),
               help="An edge-dedup report: also give metrics on the test images that have no copy in training.")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Write metrics.json and confusion_<subset>.png/.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the text summary.")
 @click.option("--limit", type=click.IntRange(min=1),
@@ -76,7 +81,8 @@ def summary_text(result: dict[str, Any]) -> str:
 def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | None, as_json: bool, limit: int | None,
          threads: int | None, sets: Path | None, root: Path | None, folders: tuple[str, ...], masks: Path | None,
          deletion_limit: int | None) -> None:
-    """Evaluate MODEL (.tflite, .keras or .h5) on DIR, a folder with one sub-folder per label.
+    """Evaluate MODEL (a bundled name such as custom-cnn, or a .tflite, .keras or .h5) on DIR, a folder with
+    one sub-folder per label.
 
     A .tflite model runs through edge.Classifier, exactly as on a device. A Keras model must carry its
     metadata (saved by edge-train) and gets the same decoding, preprocessing and normalisation. Reported
@@ -107,9 +113,14 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
 
     \b
     Exit codes: 0 evaluated (unreadable images are warned about on stderr and listed, not fatal);
-    1 the model, folder or de-duplication report cannot be used; 2 bad usage.
+    1 the model, folder or de-duplication report cannot be used; 2 bad usage, or an extra it needs is not
+    installed (`convert`: Keras for a Keras model, matplotlib for --out).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if model.suffix.lower() in (".keras", ".h5") or model.is_dir():
+        require_extra(["keras"], "convert", "edge-evaluate on a Keras model")
+    if out is not None:
+        require_extra(["matplotlib"], "convert", "edge-evaluate --out (its plots)")
     if root is not None and sets is None:
         raise click.UsageError("--root needs --sets")
     if deletion_limit is not None and masks is None:
@@ -135,7 +146,7 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
     except (ValueError, OSError, EdgeError) as exc:
         raise click.ClickException(str(exc)) from None
     for item in result["unreadable"]:
-        click.echo(f"warning: {item['error']}", err=True)
+        warning(PROG, item["error"])
     written = write_outputs(result, out) if out is not None else []
     if as_json:
         click.echo(json.dumps(result, indent=1))

@@ -11,6 +11,7 @@ import platform
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -157,3 +158,22 @@ def route_logs_and_warnings(prog: str) -> None:
         say(prog, "warning", f"{category.__name__}: {message}")
 
     warnings.showwarning = show
+
+
+def bundled_or_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """click callback for a MODEL given as a bundled name (``custom-cnn``, as `edge-classify --model` takes
+    it) or as a path (any model file a host tool reads: .tflite, .keras, a SavedModel folder)."""
+    if value is None:
+        return None
+    if value == "":
+        raise click.BadParameter("the path is empty (an unset shell variable?)", ctx, param)
+    path = Path(value)
+    if path.exists() or path.suffix or "/" in value or "\\" in value:
+        return path
+    from .errors import ModelError
+    from .registry import resolve
+
+    try:
+        return resolve(value)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None

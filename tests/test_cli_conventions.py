@@ -16,6 +16,7 @@ CLIS = {
     "edge-convert": ("convert.convert_cli", ["m.keras", "--calibration", "c", "--out", "o.tflite"]),
     "edge-train": ("convert.train_cli", [".", "--out", "o.keras"]),
     "edge-dedup": ("convert.dedup_cli", [".", "."]),
+    "edge-evaluate": ("convert.evaluate_cli", ["m.tflite", "."]),
     "edge-bench": ("benchmarks.cli", ["run"]),
 }
 
@@ -48,6 +49,9 @@ def test_an_unknown_option_is_one_error_line_exit_2(prog: str):
     ("edge-train", ["", "--out", "o.keras"], "DATA"),
     ("edge-dedup", ["", "."], "TRAIN_DIR"),
     ("edge-dedup", [".", ".", "--out", ""], "--out"),
+    ("edge-evaluate", ["", "."], "MODEL"),
+    ("edge-evaluate", ["m.tflite", ""], "DIR"),
+    ("edge-evaluate", ["m.tflite", ".", "--out", ""], "--out"),
     ("edge-bench", ["run", "--images", ""], "--images"),
     ("edge-bench", ["run", "--model", ""], "--model"),
     ("edge-bench", ["run", "--out", ""], "--out"),
@@ -68,3 +72,21 @@ def test_bench_takes_bundled_model_names_for_models_and_references(bundled_model
     assert line.startswith(f"edge-bench: error: {tmp_path}: no scans ("), "the models were accepted"
     unknown = invoke("edge-bench", "run", "--reference", "x=no-such-model")
     assert unknown.exit_code == 2 and "no such model (known: " in unknown.stderr
+
+
+def test_evaluate_takes_a_bundled_model_name(bundled_model, sample_scans, tmp_path):
+    """`edge-evaluate custom-cnn DIR`, as `edge-classify --model custom-cnn`: the samples sorted into classes."""
+    import json
+    import shutil
+
+    for scan in sample_scans:
+        (tmp_path / scan.name.split("_")[0]).mkdir(exist_ok=True)
+        shutil.copy(scan, tmp_path / scan.name.split("_")[0] / scan.name)
+    result = invoke("edge-evaluate", bundled_model.stem, str(tmp_path), "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"]["name"] == bundled_model.stem and report["images"]["evaluated"] == len(sample_scans)
+    unknown = invoke("edge-evaluate", "no-such-model", str(tmp_path))
+    assert unknown.exit_code == 2
+    (line,) = unknown.stderr.splitlines()
+    assert line.startswith("edge-evaluate: error: ") and "no such model (known: " in line

@@ -105,7 +105,7 @@ def test_keras_end_to_end_cli(keras_model: Path, data_dir: Path, dedup_report: P
     res = CliRunner().invoke(main, [str(keras_model), str(data_dir), "--dedup", str(dedup_report), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "de-duplicated" in res.stdout and "macro-AUC" in res.stdout
-    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("edge-evaluate: warning:")]
     assert len(warnings) == 1 and "zz_truncated.jpg" in warnings[0]
     for name in ("metrics.json", "confusion_all.json", "confusion_all.png", "confusion_dedup.json",
                  "confusion_dedup.png"):
@@ -192,7 +192,7 @@ def test_unusable_inputs_are_one_line_errors(case: str, keras_model: Path, data_
     res = CliRunner().invoke(main, [str(model), str(folder), *extra])
     assert res.exit_code == 1
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], res.stderr
+    assert len(lines) == 1 and lines[0].startswith("edge-evaluate: error: ") and expected in lines[0], res.stderr
 
 
 def test_learning_curves_png(tmp_path: Path):

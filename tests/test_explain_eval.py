@@ -156,4 +156,4 @@ def test_unusable_inputs(case: str, bundled_model: Path, tmp_path: Path):
     assert expected in res.stderr
     if code == 1:
         lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+        assert len(lines) == 1 and lines[0].startswith("edge-evaluate: error: "), res.stderr

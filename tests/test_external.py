@@ -229,7 +229,7 @@ def test_unusable_inputs_are_one_line_errors(case: str, bundled_model: Path, lay
     res = CliRunner().invoke(main, [str(bundled_model), *args])
     assert res.exit_code == 1, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], res.stderr
+    assert len(lines) == 1 and lines[0].startswith("edge-evaluate: error: ") and expected in lines[0], res.stderr
 
 
 @pytest.mark.parametrize("args, expected", [([], "give DIR"), (["--root", "."], "--root needs --sets")])

@@ -23,7 +23,8 @@ def run(module: str, prog: str, *args: object) -> subprocess.CompletedProcess:
 
 
 CLIS = [("convert.dedup_cli", "edge-dedup"), ("convert.convert_cli", "edge-convert"),
-        ("convert.train_cli", "edge-train"), ("benchmarks.cli", "edge-bench"), ("edge.cli", "edge-classify")]
+        ("convert.train_cli", "edge-train"), ("convert.evaluate_cli", "edge-evaluate"), ("benchmarks.cli", "edge-bench"),
+        ("edge.cli", "edge-classify")]
 
 
 @pytest.mark.parametrize("module, prog", CLIS)
@@ -45,6 +46,9 @@ def folder(tmp_path: Path) -> Path:
      "edge-convert needs tensorflow, keras"),
     ("convert.train_cli", "edge-train", ["{d}", "--out", "{d}/o.keras"],
      "edge-train (Keras on tensorflow) needs keras, tensorflow"),
+    ("convert.evaluate_cli", "edge-evaluate", ["{d}/m.keras", "{d}"], "edge-evaluate on a Keras model needs keras"),
+    ("convert.evaluate_cli", "edge-evaluate", ["{d}/m.tflite", "{d}", "--out", "{d}/report"],
+     "edge-evaluate --out (its plots) needs matplotlib"),
 ])
 def test_host_steps_name_the_extra_in_one_line(module: str, prog: str, args: list[str], needs: str, folder: Path):
     done = run(module, prog, *[a.format(d=folder) for a in args])

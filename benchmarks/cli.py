@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 import edge
+from edge.backend import MAX_THREADS
 from edge.cli_common import NonEmptyPath, OneLineGroup, error, notice, version_option, warning
 
 from . import compare as compare_mod
@@ -30,8 +31,9 @@ def _threads(text: str | None) -> list[int]:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r}: give thread counts like 1,2,4", param_hint="--threads") from None
-    if not values or any(v < 1 for v in values):
-        raise click.BadParameter(f"{text!r}: thread counts must be positive integers", param_hint="--threads")
+    if not values or any(not 1 <= v <= MAX_THREADS for v in values):
+        raise click.BadParameter(f"{text!r}: thread counts must be integers from 1 to {MAX_THREADS}",
+                                 param_hint="--threads")
     return sorted(set(values))
 
 

@@ -23,6 +23,25 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _text(v: Any) -> str:
+    """A fingerprint field as the report shows it: '-' where this device does not expose it (no cpufreq in a
+    container or VM, no thermal zones), never Python's ``None``."""
+    return "-" if v is None or v == "" else str(v)
+
+
+def _thermal(state: dict[str, Any] | None) -> str:
+    """``cpu-thermal 51.2 C, throttled now: no`` from one `fingerprint.thermal_state` sample, or '-'."""
+    state = state or {}
+    parts = [f"{zone} {temp:.1f} C" for zone, temp in (state.get("zones_c") or {}).items()]
+    if state.get("vcgencmd_temp_c") is not None:
+        parts.append(f"vcgencmd {state['vcgencmd_temp_c']:.1f} C")
+    throttled = state.get("throttled") or {}
+    for key in ("under_voltage_now", "throttled_now", "throttled_since_boot"):
+        if throttled.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')}: {'yes' if throttled[key] else 'no'}")
+    return ", ".join(parts) or "-"
+
+
 def ratio_lines(session: dict[str, Any]) -> list[str]:
     """One line per model under test x threads, e.g.
     ``p50 end-to-end: int8 12.1 ms | fp32 20.3 ms (1.68x) | keras+tape 310 ms (25.6x)``."""
@@ -45,8 +64,8 @@ def markdown(session: dict[str, Any]) -> str:
     fp = session["fingerprint"]
     s = session["settings"]
     out = [f"# edge-bench {session['created']}", "",
-           f"{fp.get('cpu')} · {fp.get('cores')} cores · {fp.get('machine')} · {fp.get('os')} · "
-           f"Python {fp.get('python')} · numpy {fp.get('numpy')}", "",
+           f"{_text(fp.get('cpu'))} · {_text(fp.get('cores'))} cores · {_text(fp.get('machine'))} · "
+           f"{_text(fp.get('os'))} · Python {_text(fp.get('python'))} · numpy {_text(fp.get('numpy'))}", "",
            f"{s['rounds']} interleaved rounds x {s['runs_per_round']} scans after {s['warmup']} warm-up, "
            f"{s['images']['count']} distinct scans; budget: end-to-end p99 <= {s['budget_ms']:g} ms.", "",
            "| model | role | threads | e2e p50 ms | e2e p99 ms | invoke p50 ms | peak RSS MB | load ms "
@@ -85,10 +104,11 @@ def markdown(session: dict[str, Any]) -> str:
     out += ["", "## Device", ""]
     freq = fp.get("frequency") or {}
     thermal = fp.get("thermal") or {}
-    out += [f"- CPU: {fp.get('cpu')} ({fp.get('cores')} cores), governor {freq.get('governor')}, "
-            f"max {freq.get('max_mhz')} MHz",
-            f"- kernel {fp.get('kernel')}, Jetson power mode: {fp.get('jetson_power_mode') or '-'}",
-            f"- thermal at start: {thermal.get('start')}", f"- thermal at end: {thermal.get('end')}"]
+    max_mhz = freq.get("max_mhz")
+    out += [f"- CPU: {_text(fp.get('cpu'))} ({_text(fp.get('cores'))} cores), "
+            f"governor {_text(freq.get('governor'))}, max {'-' if max_mhz is None else f'{max_mhz:g} MHz'}",
+            f"- kernel {_text(fp.get('kernel'))}, Jetson power mode: {_text(fp.get('jetson_power_mode'))}",
+            f"- thermal at start: {_thermal(thermal.get('start'))}", f"- thermal at end: {_thermal(thermal.get('end'))}"]
     for r in {r["label"]: r for r in session["results"]}.values():
         out.append(f"- {r['label']}: {r['model']['path']} ({r['model']['size_bytes']:,} bytes, "
                    f"sha256 {r['model']['sha256'][:12]}), backend {r['backend']['name']} {r['backend']['version']}")

@@ -9,8 +9,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from edge.cli_common import (NonEmptyPath, OneLineCommand, bundled_or_path, require_extra, version_option,
-                             warning)
+from edge.cli_common import (THREADS, NonEmptyPath, OneLineCommand, bundled_or_path, require_extra,
+                             version_option, warning)
 from edge.errors import EdgeError
 
 PROG = "edge-evaluate"
@@ -66,7 +66,7 @@ def summary_text(result: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the text summary.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="At most N images per class, and per folder of external sets (quick checks).")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=THREADS,
               help="Interpreter threads (TFLite) or TensorFlow threads (Keras). Default: the backend's choice.")
 @click.option("--sets", type=click.Path(dir_okay=False, path_type=Path),
               help="External validation: a set spec (data/external_sets.json); DIR becomes optional.")

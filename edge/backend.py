@@ -25,6 +25,13 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tensorflow": ("tensorflow:lite", ("tensorflow", "tensorflow-cpu", "tensorflow-aarch64", "tf-nightly")),
 }
 
+#: Most interpreter threads accepted anywhere (API and every CLI's --threads). The interpreter starts one
+#: thread per count without asking how many cores exist, so a typo (999) would start a thousand; 64 is
+#: above any board or workstation this runs on (a Pi has 4 cores, a Jetson Orin 12) and fixed, not
+#: os.cpu_count()-relative, so one command line means the same on every machine (oversubscription can
+#: still be measured on purpose).
+MAX_THREADS = 64
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -87,8 +94,8 @@ def load_interpreter(
     ``threads`` is passed as ``num_threads``; None leaves the backend's own default. A model the runtime
     cannot load (corrupt graph, unsupported op) is a :class:`ModelError`, not a backend problem.
     """
-    if threads is not None and threads < 1:
-        raise BackendError(f"threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BackendError(f"threads must be 1 to {MAX_THREADS}, got {threads}")
     module, info = find_backend(backend)
     try:
         with native_stderr_silenced(), warnings.catch_warnings():

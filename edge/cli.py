@@ -19,8 +19,8 @@ from typing import Any
 import click
 
 from .backend import BACKENDS
-from .cli_common import (NonEmptyPath, OneLineCommand, error, notice, reject_empty, route_logs_and_warnings,
-                         version_option)
+from .cli_common import (THREADS, NonEmptyPath, OneLineCommand, error, notice, reject_empty,
+                         route_logs_and_warnings, version_option)
 from .decode import IMAGE_SUFFIXES
 from .errors import BackendError, EdgeError, InputError, ModelError, one_line
 from .records import error_record, ok_record
@@ -58,6 +58,7 @@ Exit codes:
   0  every input was classified
   1  some inputs failed (each reported on stderr; all others were classified)
   2  usage error, or the model or backend could not be loaded
+  141  the reader of stdout went away (| head -1), as for any other command cut off by a pipe
 """
 
 
@@ -237,7 +238,7 @@ class Emitter:
 @click.argument("paths", nargs=-1, metavar="[PATH]...")
 @click.option("-m", "--model", metavar="NAME|PATH", help="Bundled model name or .tflite path [default: custom-cnn].")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), help="Force an interpreter backend.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="Interpreter threads [default: backend's].")
+@click.option("-t", "--threads", type=THREADS, help="Interpreter threads [default: backend's].")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Report the N most probable labels (text: runners-up after the verdict; JSON: top_k).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of text.")
@@ -305,7 +306,9 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
             watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, settle_seconds=settle,
                   top_k=top_k, emit=emit)
             return EXIT_SOME_FAILED if emit.failures else EXIT_OK
-        return _classify_paths(classifier, expand(paths), as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
+        items = expand(paths)
+        _note_dicom_only(items, [_option(ctx, name) for name in _PATHS_ONLY if _given(ctx, name)])
+        return _classify_paths(classifier, items, as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
                                frame=frame, window=window, keep_uids=keep_uids, emit=emit)
     except EdgeError as exc:  # the model, backend or camera failed: not one input's fault, so the run stops
         _error(str(exc))
@@ -330,20 +333,38 @@ def _check_modes(ctx: click.Context, paths: tuple[str, ...], camera: bool, watch
     if len(modes) > 1:
         raise click.UsageError(f"{' and '.join(modes)} cannot be combined; choose one")
 
-    def given(name: str) -> bool:
-        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-
-    def option(name: str) -> str:
-        return next(p.opts[-1] for p in ctx.command.params if p.name == name)
-
     rules = [(_CAMERA_ONLY, camera, "--camera"), (_WATCH_ONLY, watch_dir is not None, "--watch"),
              (_PATHS_ONLY, bool(paths), "PATH inputs")]
     for names, active, mode in rules:
         for name in names:
-            if given(name) and not active:
-                raise click.UsageError(f"{option(name)} only applies to {mode}")
-    if watch_dir is not None and given("heatmap_dir"):
+            if _given(ctx, name) and not active:
+                raise click.UsageError(f"{_option(ctx, name)} only applies to {mode}")
+    if watch_dir is not None and _given(ctx, "heatmap_dir"):
         raise click.UsageError("--heatmap does not apply to --watch")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+def _option(ctx: click.Context, name: str) -> str:
+    return next(p.opts[-1] for p in ctx.command.params if p.name == name)
+
+
+def _note_dicom_only(items: list[Item], options: list[str]) -> None:
+    """One notice when DICOM-only options meet inputs that are not DICOM (by content, not by name).
+
+    A notice, not a usage error: a folder mixing DICOM and exported PNGs is ordinary, the option is right
+    for its DICOM files, and the others are classified correctly without it. Silence, though, would let
+    ``scan.png --window 40,80`` look windowed when it was not.
+    """
+    if not options:
+        return
+    others = [item.display for item in items if item.path is not None and not _is_dicom(item.path)]
+    if others:
+        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        _notice(f"{', '.join(options)} only apply to DICOM files; {len(others)} input(s) are not DICOM and are "
+                f"classified without them: {named}")
 
 
 def _list_models(as_json: bool) -> int:

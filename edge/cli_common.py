@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import platform
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +18,11 @@ from typing import Any
 
 import click
 
+from .backend import MAX_THREADS
 from .errors import one_line
+
+#: The type of every CLI's --threads (edge-bench's list checks each count against the same bound).
+THREADS = click.IntRange(1, MAX_THREADS)
 
 
 class NonEmptyPath(click.Path):
@@ -39,6 +45,9 @@ def reject_empty(values: tuple[str, ...] | list[str], what: str) -> None:
 
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+#: A reader that closed our stdout early (`edge-classify ... | head -1`): 128 + SIGPIPE, the status the
+#: shell reports for any other producer cut off that way (`seq 1 1000 | head -1`).
+EXIT_BROKEN_PIPE = 141
 
 
 def say(prog: str, kind: str, message: object) -> None:
@@ -70,6 +79,9 @@ class _OneLineMain:
         prog = self.name or prog_name or "edge"
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+            sys.stdout.flush()  # a pipe closed after our last write fails here, not in the interpreter's exit
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except click.exceptions.Abort:
             error(prog, "interrupted")
             sys.exit(EXIT_INTERRUPTED)
@@ -80,6 +92,26 @@ class _OneLineMain:
             error(prog, exc.format_message())
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # click's own main turns EPIPE into a silent exit 1 ("some inputs failed"); caught here first.
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader is gone, which is no error of ours: exit 141 with no message and no "Exception ignored"
+    at shutdown (stdout and stderr, possibly the same pipe, point at /dev/null from here on)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # not a real file (a test's capture); nothing to silence
+            pass
+    os.close(devnull)
+    sys.exit(EXIT_BROKEN_PIPE)
 
 
 def _command_path(exc: click.UsageError, prog: str) -> str:
@@ -169,6 +201,9 @@ def bundled_or_path(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter("the path is empty (an unset shell variable?)", ctx, param)
     path = Path(value)
     if path.exists() or path.suffix or "/" in value or "\\" in value:
+        if _special_file(path):
+            raise click.BadParameter(f"{value}: not a regular file (a pipe, socket or device); give a model "
+                                     "file or folder", ctx, param)
         return path
     from .errors import ModelError
     from .registry import resolve
@@ -177,3 +212,12 @@ def bundled_or_path(ctx: click.Context, param: click.Parameter, value: str | Non
         return resolve(value)
     except ModelError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _special_file(path: Path) -> bool:
+    """True for a FIFO, socket or device (reading one as a model would block or never end)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))

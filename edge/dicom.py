@@ -37,6 +37,9 @@ from .errors import DicomError, MissingDecoderError, TransientInputError
 SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
 _MAGIC = b"DICM"
+#: How the raster formats Pillow reads begin (PNG, JPEG, BMP, GIF, little/big-endian TIFF, WebP). A file
+#: without the DICOM preamble starts with a tag's group number instead, e.g. 08 00 for (0008,xxxx).
+_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 #: Defined terms that may be echoed in messages; any other value of a coded element is not repeated,
 #: since a corrupt file can hold anything (a name) where a code should be.
@@ -50,20 +53,25 @@ _QUIET_LOCK = threading.RLock()
 
 
 def is_dicom(path: Path) -> bool:
-    """True when the file carries the DICOM magic ('DICM' at byte 128) or a DICOM suffix.
+    """True when the content says DICOM: the 'DICM' magic at byte 128, or a DICOM suffix on a file that
+    does not start like a raster image.
 
-    The suffix counts too because files without the 128-byte preamble (older or hand-made exports) are
-    still DICOM and `read_frames` can read most of them.
+    The suffix counts because files without the 128-byte preamble (older or hand-made exports) are still
+    DICOM and `read_frames` can read most of them; but it is only a name, so a PNG or JPEG saved as
+    ``.dcm`` is decoded as what it is. Only regular files are opened (a FIFO would block the read).
     """
     path = Path(path)
-    if path.suffix.lower() in SUFFIXES:
-        return True
+    named = path.suffix.lower() in SUFFIXES
     try:
+        if not path.is_file():
+            return named
         with path.open("rb") as fh:
             head = fh.read(_MAGIC_OFFSET + len(_MAGIC))
     except OSError:
-        return False
-    return head[_MAGIC_OFFSET:] == _MAGIC
+        return named
+    if head[_MAGIC_OFFSET:] == _MAGIC:
+        return True
+    return named and not head.startswith(_RASTER_MAGIC)
 
 
 def sop_instance_uid(path: Path) -> str | None:

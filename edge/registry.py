@@ -77,6 +77,8 @@ def resolve(name_or_path: str | Path | None = None, directory: Path = MODELS_DIR
         return path
     if path.is_dir():
         raise ModelError(f"{asked}: is a directory, not a .tflite model file")
+    if path.exists():  # a FIFO would block the read, /dev/zero would never end it
+        raise ModelError(f"{asked}: not a regular file (a pipe, socket or device), not a .tflite model file")
     text = str(asked)
     if isinstance(asked, Path) or "/" in text or "\\" in text or text.endswith(".tflite"):
         raise ModelError(f"{asked}: no such model file")

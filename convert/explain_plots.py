@@ -1,8 +1,9 @@
 """Evaluation grids of heatmap overlays with the lesion outline: where a map works and where it fails.
 
-Each cell is the overlay a device draws (`edge.overlay.blend`: the scan in gray, inferno heat weighted by
-heat), so the grid shows what a clinician would see, plus the mask's outline in cyan and the map's peak as
-a cross. Host-side only (matplotlib, headless Agg, object API as in `convert/plots.py`).
+Each cell is the overlay a device draws (`edge.overlay.blend`: the scan in gray, inferno heat over the head
+with opacity following heat), so the grid shows what a clinician would see, plus the mask's outline in cyan
+(`edge.overlay.draw_outline`) and the map's peak as a cross. Host-side only (matplotlib, headless Agg, object
+API as in `convert/plots.py`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from edge.decode import decode  # noqa: E402
-from edge.overlay import ALPHA, blend  # noqa: E402
+from edge.overlay import ALPHA, HEAT_FLOOR, blend, draw_outline  # noqa: E402
 from edge.preprocess import Geometry, heatmap_to_image  # noqa: E402
 
 #: Cells per row; a grid shows at most one row of the best and one of the worst scans.
@@ -53,8 +54,9 @@ def best_and_worst_grid(rows: Sequence[dict[str, Any]], members: Sequence[int], 
             row = rows[i]
             image = decode(row["path"])
             heat = heatmap_to_image(heatmaps[i], geometries[i])
-            ax.imshow(blend(image, heat), interpolation="bilinear")
-            ax.contour(load_mask(Path(row["mask"]), heat.shape), levels=[0.5], colors="cyan", linewidths=0.8)
+            outline = draw_outline(blend(image, heat), load_mask(Path(row["mask"]), heat.shape),
+                                   width=max(1, round(max(heat.shape) / 200)))
+            ax.imshow(outline, interpolation="antialiased")
             if row["peak"] is not None:
                 ax.plot(row["peak"][1], row["peak"][0], marker="+", color="lime", markersize=9, mew=1.5)
             ratio = "n/a" if row["mass_ratio"] is None else f"{row['mass_ratio']:.1f}x"
@@ -64,7 +66,7 @@ def best_and_worst_grid(rows: Sequence[dict[str, Any]], members: Sequence[int], 
                 ax.text(-0.06, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=9)
     bar = fig.add_subplot(grid[:, columns])
     fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "inferno"), cax=bar,
-                 label=f"heat (opacity {ALPHA:g} x heat)")
+                 label=f"heat (over the head; none below {HEAT_FLOOR:g}, opacity up to {ALPHA:g})")
     fig.suptitle(f"{title}\ncyan: lesion mask outline, +: heatmap peak", fontsize=9)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

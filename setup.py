@@ -1,9 +1,18 @@
 """Edge runtime for explainable brain-MRI classification (int8 TFLite + in-graph Grad-CAM)."""
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# setuptools builds in ./build and ./edge_mri.egg-info and leaves both in the checkout, and the next build
+# reuses a stale build/lib: a file since removed from the source (a model, a module) would still ship. Each
+# build step gets a fresh scratch folder instead, removed when the step ends (pip runs every PEP 517 hook
+# in its own process, and the wheel itself is written to pip's folder, not here).
+SCRATCH = tempfile.mkdtemp(prefix="edge-mri-build-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
 # LiteRT publishes wheels for Linux x86_64/aarch64 and macOS arm64; 32-bit Arm boards get tflite-runtime.
 RUNTIME = [
@@ -40,10 +49,13 @@ setup(
     extras_require={
         "convert": CONVERT,
         "dicom": DICOM,
-        "camera": ["picamera2>=0.3"],
+        # The Raspberry Pi camera, on Raspberry Pi OS only: picamera2 needs apt's libcamera bindings, so it
+        # comes from apt (python3-picamera2, venv made with --system-site-packages). Elsewhere: "webcam".
+        "camera": ["picamera2>=0.3; platform_system == 'Linux' and platform_machine in 'aarch64 armv7l'"],
         "webcam": ["opencv-python-headless>=4.8"],
         "test": ["pytest>=7.4"] + CONVERT + DICOM,
     },
+    options={"build": {"build_base": f"{SCRATCH}/build"}, "egg_info": {"egg_base": SCRATCH}},
     entry_points={
         "console_scripts": [
             "edge-classify=edge.cli:main",

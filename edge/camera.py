@@ -18,12 +18,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import CameraError, InputError
+from .errors import CameraError, InputError, install_hint
 from .quiet import native_stderr_silenced
 from .records import error_record, ok_record, utc_now
 
-PICAMERA2_MISSING = "picamera2 is not installed; `pip install edge-mri[camera]` on Raspberry Pi OS"
-OPENCV_MISSING = "OpenCV is not installed; `pip install edge-mri[webcam]` for USB webcams"
+PICAMERA2_MISSING = (f"picamera2 is not installed; on Raspberry Pi OS: sudo apt install python3-picamera2, in a venv "
+                     f"made with --system-site-packages, then {install_hint('camera')}")
+OPENCV_MISSING = f"OpenCV is not installed; {install_hint('webcam')} for USB webcams"
 KINDS = "auto, picamera2, opencv, opencv:INDEX or a folder of captured frames"
 #: Frame size asked of the Pi camera: 4:3 and well above any model input, yet cheap to capture and decode.
 PI_FRAME_SIZE = (1280, 960)

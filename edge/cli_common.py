@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from .backend import MAX_THREADS
-from .errors import one_line
+from .errors import install_hint, one_line
 
 #: The type of every CLI's --threads (edge-bench's list checks each count against the same bound).
 THREADS = click.IntRange(1, MAX_THREADS)
@@ -156,8 +156,7 @@ def require_extra(modules: Sequence[str], extra: str, purpose: str) -> None:
     """
     missing = [m for m in modules if not _importable(m)]
     if missing:
-        raise MissingExtra(f"{purpose} needs {', '.join(missing)}, which this install lacks; "
-                           f"pip install \"edge-mri[{extra}]\" (from a checkout: pip install \".[{extra}]\")")
+        raise MissingExtra(f"{purpose} needs {', '.join(missing)}, which this install lacks; {install_hint(extra)}")
 
 
 def _importable(module: str) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DicomError, MissingDecoderError, TransientInputError
+from .errors import DicomError, MissingDecoderError, TransientInputError, install_hint
 
 SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -128,7 +128,7 @@ def _pydicom() -> Any:
         import pydicom
         import pydicom.pixels  # noqa: F401  (pydicom >= 3)
     except ImportError:
-        raise MissingDecoderError("reading DICOM needs pydicom >= 3; `pip install edge-mri[dicom]`") from None
+        raise MissingDecoderError(f"reading DICOM needs pydicom >= 3; {install_hint('dicom')}") from None
     return pydicom
 
 

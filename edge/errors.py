@@ -45,6 +45,16 @@ class OutputError(EdgeError):
     (disk full, read-only). Not any input's fault, so a run stops on it instead of going on unrecorded."""
 
 
+def install_hint(extra: str) -> str:
+    """How every message says to add an optional extra: ``pip install "edge-mri[dicom]"``.
+
+    One spelling everywhere: quoted, because zsh (macOS's shell) reads unquoted brackets as a glob and
+    fails with "no matches found"; and by the package's name, which adds the extra's libraries to the
+    edge-mri already installed, whether it came from a wheel or a checkout.
+    """
+    return f'pip install "edge-mri[{extra}]"'
+
+
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 

@@ -104,7 +104,7 @@ def test_missing_picamera2_is_a_clear_camera_error(monkeypatch):
     with pytest.raises(CameraError) as info:
         PiCamera2Source()
     assert str(info.value) == PICAMERA2_MISSING
-    assert "pip install edge-mri[camera]" in PICAMERA2_MISSING
+    assert 'pip install "edge-mri[camera]"' in PICAMERA2_MISSING
     with pytest.raises(CameraError, match="picamera2 is not installed"):
         open_source("picamera2")
 

@@ -420,7 +420,7 @@ def test_missing_pydicom_is_a_clear_dicom_error():
         "    print(exc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install edge-mri[dicom]" in done.stdout
+    assert 'pip install "edge-mri[dicom]"' in done.stdout
 
 
 # --- through the real `edge-classify` command (a fresh interpreter, a real int8 model) ---------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 HOST_ONLY = ("tensorflow", "keras", "matplotlib", "imagehash", "jax", "torch")
-HINT = 'which this install lacks; pip install "edge-mri[convert]" (from a checkout: pip install ".[convert]")'
+HINT = 'which this install lacks; pip install "edge-mri[convert]"'
 
 
 def run(module: str, prog: str, *args: object) -> subprocess.CompletedProcess:

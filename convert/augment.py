@@ -50,24 +50,6 @@ def intensity(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -
     return ops.clip(y, 0.0, 1.0) * 255.0
 
 
-class Intensity(keras.layers.Layer):
-    """:func:`intensity` as a layer: random per image in training, the identity at inference."""
-
-    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.generator = keras.random.SeedGenerator(seed)
-
-    def call(self, x: Any, training: bool = False) -> Any:
-        if not training:
-            return x
-        return intensity(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
-                         lambda s: keras.random.normal(s, seed=self.generator))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "seed": self.seed}
-
-
 def site_style(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
     """What differs between scanners beyond gain and contrast, on 0..255 float pixels [B, S, S, C].
 
@@ -84,3 +66,35 @@ def site_style(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) 
     low = ops.image.resize(ops.average_pool(y, 2, 2, "valid"), (s, s), interpolation="bilinear")
     t = uniform((b, 1, 1, 1), 0.4, 1.0)
     return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < 0.33, t * low + (1.0 - t) * y, y)
+
+
+class _RandomPixels(keras.layers.Layer):
+    """A pixel-level random transform as a layer: random per image in training, the identity at inference."""
+
+    transform: Callable[..., Any]
+
+    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        if not training:
+            return x
+        return type(self).transform(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
+                                    lambda s: keras.random.normal(s, seed=self.generator))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "seed": self.seed}
+
+
+class Intensity(_RandomPixels):
+    """:func:`intensity` as a layer."""
+
+    transform = staticmethod(intensity)
+
+
+class SiteStyle(_RandomPixels):
+    """:func:`site_style` as a layer."""
+
+    transform = staticmethod(site_style)

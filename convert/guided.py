@@ -8,80 +8,117 @@ cannot win by looking at where a slice came from or at a fixed place in the head
 heatmap issue asks for and a lever on generalisation (Ross et al. 2017, "right for the right reasons").
 Healthy slices and tumours without a mask pay only the cross-entropy.
 
-:class:`GuidedModel` wraps the real classifier (sharing its variables; it is never saved) and overrides
-``train_step``/``test_step`` (TensorFlow backend, as the CPU recipe runs).
+Everything is Keras layers and ``keras.ops``, so one code path trains on TensorFlow (the CPU box) and on
+JAX (a GPU machine without TensorFlow). Augmentation runs inside the wrapper model, where image and mask
+can be moved by the same random geometry; the outside-mask energy is computed in the graph too and
+leaves as an output whose loss is its own value.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-#: Labels smoothing of the cross-entropy, as in the plain recipe.
+from convert import augment
+from convert.normalisation import apply as normalise, parse as parse_norm
+
+PROBABILITIES = "probabilities"
+OUTSIDE = "outside"
+#: Label smoothing of the cross-entropy, as in the plain recipe.
 LABEL_SMOOTHING = 0.05
 
 
-def outside_energy(cam: tf.Tensor, mask: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
+def outside_energy(cam: Any, mask: Any, eps: float = 1e-6) -> Any:
     """Per sample, the share of ReLU(cam) outside ``mask`` (both [B, h, w]; mask in 0..1). 0 = all inside."""
-    pos = tf.nn.relu(cam)
-    total = tf.reduce_sum(pos, axis=(1, 2))
-    inside = tf.reduce_sum(pos * mask, axis=(1, 2))
+    pos = ops.relu(cam)
+    total = ops.sum(pos, axis=(1, 2))
+    inside = ops.sum(pos * mask, axis=(1, 2))
     return 1.0 - inside / (total + eps)
 
 
-class GuidedModel(keras.Model):
-    """``net`` trained on cross-entropy + ``mask_weight`` x outside-mask CAM energy at layer ``feature_layer``.
+class OutsideEnergy(keras.layers.Layer):
+    """[features, mask grid, selector] -> the selected class's outside-mask CAM energy per sample [B].
 
-    Batches are ``(x, (onehot, mask_grid, has_mask, weight))``: ``mask_grid`` is the lesion's share of
-    each feature-map cell [B, h, w], ``has_mask`` 1.0 where the sample has a mask, ``weight`` the class
-    weight of the sample.
+    ``selector`` is the one-hot true class times 1 where the sample has a mask (all zero otherwise, which
+    makes the term 0); the class maps use the classifier's own Dense kernel, so the loss trains the very
+    weights the in-graph Grad-CAM will use.
     """
 
-    def __init__(self, net: Any, feature_layer: str, mask_weight: float, **kwargs: Any) -> None:
+    def __init__(self, dense: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.net = net
-        self.mask_weight = float(mask_weight)
-        self.feature_model = keras.Model(net.input, [net.get_layer(feature_layer).output, net.output])
-        self.dense = net.get_layer("predictions")
-        self.ce = keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING, reduction=None)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "ce", "outside")}
-        self.acc = keras.metrics.CategoricalAccuracy(name="accuracy")
+        self.dense = dense
 
-    @property
-    def metrics(self) -> list[Any]:
-        return [*self.trackers.values(), self.acc]
+    def call(self, feats: Any, grid: Any, selector: Any) -> Any:
+        cam = ops.einsum("bhwk,kc,bc->bhw", feats, self.dense.kernel, selector)
+        return outside_energy(cam, grid) * ops.max(selector, axis=1)
 
-    def call(self, x: Any, training: bool = False) -> Any:
-        return self.net(x, training=training)
 
-    def _objective(self, x: Any, target: tuple, training: bool) -> tuple[tf.Tensor, ...]:
-        onehot, mask, has, weight = target
-        feats, probs = self.feature_model(x, training=training)
-        cam = tf.einsum("bhwk,kc,bc->bhw", feats, self.dense.kernel, onehot)
-        ce = self.ce(onehot, probs) * weight
-        outside = outside_energy(cam, mask) * has
-        n_mask = tf.maximum(tf.reduce_sum(has), 1.0)
-        ce_mean = tf.reduce_mean(ce)
-        outside_mean = tf.reduce_sum(outside) / n_mask
-        return ce_mean + self.mask_weight * outside_mean, ce_mean, outside_mean, probs
+def wrapper(net: Any, feature_layer: str, seed: int) -> Any:
+    """``net`` behind augmentation, with outputs ``probabilities`` and ``outside`` (never saved; shares weights).
 
-    def _record(self, loss: tf.Tensor, ce: tf.Tensor, outside: tf.Tensor, onehot: tf.Tensor,
-                probs: tf.Tensor) -> dict[str, tf.Tensor]:
-        for name, value in (("loss", loss), ("ce", ce), ("outside", outside)):
-            self.trackers[name].update_state(value)
-        self.acc.update_state(onehot, probs)
-        return {m.name: m.result() for m in self.metrics}
+    Inputs: ``pixels`` [B, S, S, 1] (0..255), ``mask`` [B, S, S, 1] (0..1), ``selector`` [B, classes].
+    Geometry moves pixels and mask together (stacked as two channels); intensity and site-style changes
+    touch the pixels only; the mask is then averaged onto the feature-map grid.
+    """
+    size, classes = net.input_shape[1], net.output_shape[-1]
+    pixels = keras.Input((size, size, 1), name="pixels")
+    mask = keras.Input((size, size, 1), name="mask")
+    selector = keras.Input((classes,), name="selector")
+    both = augment.build(seed)(ops.concatenate([pixels, mask], axis=-1))
+    image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(both[..., :1]))
+    features = keras.Model(net.input, [net.get_layer(feature_layer).output, net.output], name="features")
+    feats, probs = features(normalise(image, parse_norm("tf", 1)))
+    stride = size // feats.shape[1]
+    grid = keras.layers.AveragePooling2D(stride, name="mask_grid")(both[..., 1:])[..., 0]
+    outside = OutsideEnergy(net.get_layer("predictions"), name=OUTSIDE)(feats, grid, selector)
+    probs = keras.layers.Identity(name=PROBABILITIES)(probs)
+    return keras.Model([pixels, mask, selector], {PROBABILITIES: probs, OUTSIDE: outside}, name="guided")
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
-        x, target = data
-        with tf.GradientTape() as tape:
-            loss, ce, outside, probs = self._objective(x, target, training=True)
-        variables = self.net.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
-        return self._record(loss, ce, outside, target[0], probs)
 
-    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
-        x, target = data
-        loss, ce, outside, probs = self._objective(x, target, training=False)
-        return self._record(loss, ce, outside, target[0], probs)
+def own_value(y_true: Any, y_pred: Any) -> Any:
+    """The loss of the ``outside`` output: the energy itself (its target is ignored)."""
+    return y_pred
+
+
+def compile_wrapper(model: Any, optimizer: Any, mask_weight: float) -> None:
+    """Cross-entropy on the probabilities plus ``mask_weight`` x the outside-mask energy."""
+    model.compile(optimizer=optimizer,
+                  loss={PROBABILITIES: keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
+                        OUTSIDE: own_value},
+                  loss_weights={PROBABILITIES: 1.0, OUTSIDE: float(mask_weight)},
+                  metrics={PROBABILITIES: ["accuracy"]},
+                  jit_compile=keras.backend.backend() != "tensorflow")
+
+
+def as_batch(x: Any, masks: Any, y: Any, has_mask: Any, weight: Any, num_classes: int) -> tuple:
+    """Numpy samples -> (inputs, targets, sample weights) for :func:`wrapper`."""
+    import numpy as np
+
+    onehot = np.eye(num_classes, dtype=np.float32)[y]
+    inputs = {"pixels": x.astype(np.float32), "mask": (masks.astype(np.float32) / 255.0)[..., None],
+              "selector": onehot * has_mask[:, None].astype(np.float32)}
+    targets = {PROBABILITIES: onehot, OUTSIDE: np.zeros(y.size, np.float32)}
+    return inputs, targets, weight.astype(np.float32)
+
+
+class EpochBatches(keras.utils.PyDataset):
+    """Batches of a stream of epochs (:func:`convert.training_sources.epochs`): a new composition each epoch.
+
+    A ``PyDataset`` rather than tf.data so the same feeding works on every Keras backend.
+    """
+
+    def __init__(self, stream: Any, batch_size: int, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stream, self.batch_size, self.num_classes = stream, batch_size, num_classes
+        self.epoch = next(stream)
+
+    def __len__(self) -> int:
+        return -(-self.epoch.y.size // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple:
+        e, s = self.epoch, slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return as_batch(e.x[s], e.masks[s], e.y[s], e.has_mask[s], e.weight[s], self.num_classes)
+
+    def on_epoch_end(self) -> None:
+        self.epoch = next(self.stream)

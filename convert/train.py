@@ -204,55 +204,6 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     return model, hist.history, _val_accuracy(model, val)
 
 
-def _guided_stream(cfg: TrainConfig, pools, paste_n: int, stride: int, num_classes: int):
-    """tf.data over :func:`training_sources.epochs`: a new composition (healthy draws, pastes) per epoch.
-
-    Geometry moves image and mask together (they are stacked as two channels); intensity and site-style
-    changes touch the image only. The mask is then averaged onto the feature-map grid.
-    """
-    import tensorflow as tf
-
-    from convert import training_sources
-
-    stream = training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n)
-    b = cfg.batch_size
-
-    def gen():
-        e = next(stream)
-        for i in range(0, e.y.size, b):
-            yield e.x[i:i + b], e.masks[i:i + b], e.y[i:i + b], e.has_mask[i:i + b], e.weight[i:i + b]
-
-    s = cfg.input_size
-    sig = (tf.TensorSpec((None, s, s, 1), tf.uint8), tf.TensorSpec((None, s, s), tf.uint8),
-           tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.bool), tf.TensorSpec((None,), tf.float32))
-    geo = augment.build(cfg.seed)
-    norm = parse_norm(PREPROCESS, 1)
-
-    def aug(x, m, y, has, w):
-        both = geo(tf.concat([tf.cast(x, tf.float32), tf.cast(m, tf.float32)[..., None] / 255.0], -1),
-                   training=True)
-        img = augment.intensity(both[..., :1], tf.random.uniform, tf.random.normal)
-        img = augment.site_style(img, tf.random.uniform, tf.random.normal)
-        grid = tf.nn.avg_pool2d(both[..., 1:], stride, stride, "VALID")[..., 0]
-        return normalise(img, norm), (tf.one_hot(y, num_classes), grid, tf.cast(has, tf.float32), w)
-
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).map(aug, num_parallel_calls=2).prefetch(2)
-
-
-def _guided_plain(e, stride: int, num_classes: int, batch: int):
-    """The validation set as (normalised image, targets) batches, no augmentation."""
-    import tensorflow as tf
-
-    norm = parse_norm(PREPROCESS, 1)
-    ds = tf.data.Dataset.from_tensor_slices((e.x, e.masks, e.y, e.has_mask, e.weight)).batch(batch)
-
-    def plain(x, m, y, has, w):
-        grid = tf.nn.avg_pool2d(tf.cast(m, tf.float32)[..., None] / 255.0, stride, stride, "VALID")[..., 0]
-        return normalise(tf.cast(x, tf.float32), norm), (tf.one_hot(y, num_classes), grid, tf.cast(has, tf.float32), w)
-
-    return ds.map(plain).prefetch(2)
-
-
 def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     """The generalising custom-CNN recipe: class folders + other healthy sources + fresh tumour pastes every
     epoch, site-style augmentation, and the mask-guided CAM loss (:mod:`convert.guided`).
@@ -262,29 +213,29 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     """
     import keras
 
-    from convert import training_sources
+    from convert import guided, training_sources
     from convert.architectures import custom_cnn
-    from convert.guided import GuidedModel
 
     labels = pools.main.labels
     num = len(labels)
     net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride)
     if cfg.init is not None:
         _load_start(net, cfg, labels)
-    stride = cfg.input_size // net.get_layer("b3_out").output.shape[1]
     n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
     paste_n = int(round(cfg.paste_fraction * n_tumour)) if pools.main.masks is not None else 0
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
     val = training_sources.compose(val_pools, np.random.default_rng(cfg.seed + 1000), None,
                                    int(round(cfg.paste_fraction * n_val_tumour)) if paste_n else 0)
-    model = GuidedModel(net, "b3_out", cfg.mask_weight)
-    healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
-    steps = int(np.ceil((pools.main.y.size + healthy_n + paste_n) / cfg.batch_size))
-    sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, steps * cfg.epochs), alpha=0.05)
-    model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=1e-4))
-    hist = model.fit(_guided_stream(cfg, pools, paste_n, stride, num),
-                     validation_data=_guided_plain(val, stride, num, 64), epochs=cfg.epochs, verbose=0,
+    model = guided.wrapper(net, "b3_out", cfg.seed)
+    batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
+                                  cfg.batch_size, num)
+    sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
+                                                   alpha=0.05)
+    guided.compile_wrapper(model, keras.optimizers.AdamW(sched, weight_decay=1e-4), cfg.mask_weight)
+    hist = model.fit(batches, validation_data=guided.as_batch(val.x, val.masks, val.y, val.has_mask, val.weight, num),
+                     epochs=cfg.epochs, verbose=0,
                      callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs (guided)", cfg.epochs, "", net))
+    healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
     clean = FolderData(val.x, val.y, labels, [], [])
     recipe = {"stride": cfg.stride, "grid": int(net.get_layer("b3_out").output.shape[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),

@@ -124,7 +124,8 @@ class _EpochBar:
 
             def on_epoch_end(self, epoch, logs=None):
                 self.bar.update(1)
-                keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+                keys = ("loss", "accuracy", "probabilities_accuracy", "outside_loss", "val_loss", "val_accuracy",
+                        "val_probabilities_accuracy", "val_outside_loss")
                 click.echo("  " + " ".join(f"{k}={logs[k]:.4f}" for k in keys if k in (logs or {})), err=True)
 
             def on_train_end(self, logs=None):

@@ -1,4 +1,6 @@
-"""Shared fixtures: real (tiny) TFLite models built once per session, and the bundled model when it exists.
+"""Shared fixtures: real (tiny) TFLite models built once per session, and the bundled model and sample scans
+of the package under test; the markers that pick the fast loop; and the check that the package under test is
+the installed one.
 
 The tiny models are random Keras CNNs (32x32 input) with an in-graph Grad-CAM head, converted to full-int8
 TFLite with a uint8 input and the runtime's metadata embedded: the same kind of file the real converter
@@ -6,8 +8,10 @@ writes, small enough to build in seconds on a busy 2-core machine.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,67 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = REPO / "edge" / "models" / "custom-cnn.tflite"
-SAMPLES_DIR = REPO / "edge" / "samples"
+#: `-m device`, the fast loop: the device side (runtime, CLIs, decode, DICOM, watch, camera, bench, records).
+#: Nothing here trains or converts a real network; TensorFlow only builds the session's tiny test models.
+DEVICE_MODULES = {"test_bad_inputs", "test_bench", "test_camera", "test_cli_classify", "test_cli_conventions",
+                  "test_cli_edge_cases", "test_dicom", "test_edge_api", "test_mask_geometry", "test_model_integrity",
+                  "test_overlay", "test_readme", "test_records", "test_runtime_only", "test_stderr", "test_watch"}
+#: `-m slow`: TensorFlow training or conversion of real networks (a minute or more each on 2 busy cores).
+SLOW_MODULES = {"test_train", "test_gradcam_head", "test_equalise", "test_convert_cli"}
+SLOW_TESTS = {"test_bench.py::test_run_with_keras_reference",
+              "test_bench.py::test_keras_predict_style_agrees_with_compiled",
+              "test_bench.py::test_keras_reference_matches_model_and_analytic_gradcam"}
+
+
+def _package_dir() -> Path:
+    """The `edge` package the tests import: the installed one, or the checkout's in an editable install."""
+    spec = importlib.util.find_spec("edge")
+    if spec is None or spec.origin is None:
+        raise pytest.UsageError("edge-mri is not installed; pip install -e \".[test]\" (or \".[test]\") first")
+    return Path(spec.origin).resolve().parent
+
+
+def _checkout_shadows_the_install() -> str | None:
+    """Why this run would test the checkout's edge/ instead of an installed (not editable) edge-mri, if so.
+
+    A package-data omission (a model or sample scan left out of the wheel) only shows when the installed
+    package is tested. `python -m pytest` run in the checkout imports the checkout's edge/, and every CLI a
+    test starts with `python -m` or `-c` puts its current folder first on sys.path, so the current folder
+    must not hold edge/ either.
+    """
+    installed = Path(sysconfig.get_paths()["purelib"]) / "edge" / "__init__.py"
+    if not installed.is_file():  # an editable install (or none): the checkout is the package under test
+        return None
+    for candidate in (_package_dir() / "__init__.py", Path.cwd() / "edge" / "__init__.py"):
+        if candidate.is_file() and candidate.resolve() != installed.resolve():
+            return (f"edge-mri is installed in {installed.parent.parent}, but this run would test {candidate.parent}: "
+                    "run the tests from tests/ (cd tests && python -m pytest -q), or install with pip install -e")
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    problem = _checkout_shadows_the_install()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"edge-mri under test: {_package_dir()}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by module, kept here in one place (some test files belong to engineers working on them)."""
+    for item in items:
+        module = item.path.stem
+        if module in SLOW_MODULES or f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        elif module in DEVICE_MODULES:
+            item.add_marker(pytest.mark.device)
+
+
+PACKAGE = _package_dir()
+BUNDLED_MODEL = PACKAGE / "models" / "custom-cnn.tflite"
+SAMPLES_DIR = PACKAGE / "samples"
 LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 TINY_SIZE = 32
 
@@ -160,18 +223,20 @@ def tiny_rgb_plain_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
-    """The default bundled model (trained by the lead); tests that need it skip until it is committed."""
+    """The default bundled model, in the package under test. Missing is a failure, not a skip: it means the
+    package left it out (setup.py's package_data) and `edge-classify` without --model cannot work."""
     if not BUNDLED_MODEL.is_file():
-        pytest.skip("edge/models/custom-cnn.tflite is not committed yet")
+        pytest.fail(f"{BUNDLED_MODEL} is missing from the package under test")
     return BUNDLED_MODEL
 
 
 @pytest.fixture(scope="session")
 def sample_scans() -> list[Path]:
-    """The real sample scans shipped in edge/samples/ (label = file name prefix before '_')."""
+    """The real sample scans shipped in the package's edge/samples/ (label = file name prefix before '_');
+    none is a failure, as for the bundled model (the README's first command classifies them)."""
     scans = sorted(p for p in SAMPLES_DIR.glob("*_*.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not scans:
-        pytest.skip("edge/samples/ holds no sample scans yet")
+        pytest.fail(f"{SAMPLES_DIR} holds no sample scans in the package under test")
     return scans
 
 

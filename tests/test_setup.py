@@ -37,8 +37,7 @@ def test_the_readme_starts_with_a_venv_and_tests_the_installed_package():
     first, second = setup_commands()
     assert first.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install . && "), first
     assert first.endswith("edge-classify edge/samples/")
-    assert second.startswith('pip install ".[test]" && ') and " pytest " in f" {second} "
-    assert "python -m pytest" not in second, "python -m would put the checkout's edge/ first on sys.path"
+    assert second == 'pip install ".[test]" && (cd tests && python -m pytest -q)', "tests run from tests/"
 
 
 def test_ci_runs_the_readme_commands_read_from_the_readme():
@@ -81,6 +80,48 @@ def test_the_wheel_carries_every_bundled_file_and_the_build_leaves_nothing_behin
     expected = {p.relative_to(REPO).as_posix() for pattern in BUNDLED for p in REPO.glob(pattern) if p.is_file()}
     assert {"edge/models/custom-cnn.tflite", "edge/models/xception.tflite"} <= expected
     assert sorted(expected - names) == [], "files setup.py's package_data does not ship"
+
+
+def test_the_installed_package_carries_every_bundled_file():
+    """What the tests import is the installed package (tests/conftest.py sees to it), so a file that
+    setup.py's package_data leaves out is missing here, not only in someone's wheel."""
+    import benchmarks
+    import edge
+
+    roots = {"edge": Path(edge.__file__).resolve().parent, "benchmarks": Path(benchmarks.__file__).resolve().parent}
+    missing = [rel for pattern in BUNDLED for p in REPO.glob(pattern) if p.is_file()
+               for rel in [p.relative_to(REPO).as_posix()]
+               if not (roots[rel.split("/", 1)[0]] / rel.split("/", 1)[1]).is_file()]
+    assert missing == [], f"not in the package under test ({roots['edge'].parent})"
+
+
+def test_tests_refuse_to_run_the_checkout_over_an_installed_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import sysconfig
+
+    import conftest
+
+    assert conftest._checkout_shadows_the_install() is None, "this run tests the package it should"
+    purelib = tmp_path / "site-packages"
+    (purelib / "edge").mkdir(parents=True)
+    (purelib / "edge" / "__init__.py").write_text("")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(purelib)})
+    problem = conftest._checkout_shadows_the_install()
+    assert problem and f"installed in {purelib}" in problem and "cd tests && python -m pytest -q" in problem
+
+
+def test_markers_are_registered_and_name_real_modules():
+    import tomllib
+
+    import conftest
+
+    ini = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"]["ini_options"]
+    assert {m.split(":")[0] for m in ini["markers"]} == {"device", "slow"} and "--strict-markers" in ini["addopts"]
+    modules = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    assert sorted((conftest.DEVICE_MODULES | conftest.SLOW_MODULES) - modules) == []
+    assert not conftest.DEVICE_MODULES & conftest.SLOW_MODULES
+    for test in conftest.SLOW_TESTS:
+        name, function = test.split("::")
+        assert f"def {function}(" in (REPO / "tests" / name).read_text(encoding="utf-8"), test
 
 
 def _setup_kwargs(monkeypatch: pytest.MonkeyPatch) -> dict:

@@ -19,7 +19,6 @@ from edge.classifier import Classifier
 from edge.errors import EdgeError, InputError
 from edge.watch import watch
 
-REPO = Path(__file__).resolve().parent.parent
 LABELS = {"glioma", "meningioma", "notumor", "pituitary"}
 IGNORED = (".hidden.jpg", "upload.jpg.part", "copying.tmp")
 
@@ -219,7 +218,7 @@ def start_watch(model: Path, inbox: Path, out: Path, log: Path, *, once: bool) -
     """The real `edge-classify --watch`, as the systemd unit runs it (JSON records go to `log`)."""
     args = ["--watch", str(inbox), "--out", str(out), "--model", str(model), "--json"] + (["--once"] if once else [])
     with log.open("w") as stdout:
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=REPO, stdout=stdout,
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], stdout=stdout,
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 

@@ -79,7 +79,8 @@ class _OneLineMain:
         prog = self.name or prog_name or "edge"
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
-            sys.stdout.flush()  # a pipe closed after our last write fails here, not in the interpreter's exit
+            if sys.stdout is not None:  # None when started with stdout closed (>&-)
+                sys.stdout.flush()  # a pipe closed after our last write fails here, not at interpreter exit
         except BrokenPipeError:
             _quiet_broken_pipe()
         except click.exceptions.Abort:
@@ -108,7 +109,7 @@ def _quiet_broken_pipe() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             os.dup2(devnull, stream.fileno())
-        except (OSError, ValueError):  # not a real file (a test's capture); nothing to silence
+        except (AttributeError, OSError, ValueError):  # closed (None) or not a real file (a test's capture)
             pass
     os.close(devnull)
     sys.exit(EXIT_BROKEN_PIPE)

@@ -165,3 +165,13 @@ def test_a_closed_pipe_ends_quietly_with_141(bundled_model: Path, sample_scans: 
     os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert errors_and_notices(done.stderr) == [], "no traceback, no 'Exception ignored', no error line"
+
+
+def test_a_closed_stdout_is_no_traceback(bundled_model: Path, sample_scans: list[Path]):
+    """`edge-classify ... >&-`: Python starts with sys.stdout None; the results have nowhere to go."""
+    code = "from edge.cli import main\nmain(prog_name='edge-classify')\n"
+    done = subprocess.run([sys.executable, "-c", code, "--model", str(bundled_model), str(sample_scans[0])],
+                          preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert "Traceback" not in done.stderr and errors_and_notices(done.stderr) == []
+    assert done.returncode == 0

@@ -11,11 +11,11 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import click
 import numpy as np
-from edge.decode import decode
+from edge.decode import IMAGE_SUFFIXES as DECODABLE, decode
 from edge.errors import InputError
 from edge.preprocess import mask_to_model, prepare, prepare_with_geometry
 
@@ -45,6 +45,16 @@ class FolderData:
                           None if self.has_mask is None else self.has_mask[idx])
 
 
+def images_under(folder: Path, suffixes: Collection[str] = DECODABLE) -> list[Path]:
+    """Image files below ``folder`` at any depth, sorted; hidden files and folders (.ipynb_checkpoints) skipped.
+
+    ``suffixes`` defaults to everything the device decodes (DICOM included); training passes its own set.
+    """
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def list_images(root: Path, labels: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """Image files under ``root/<class>/``, sorted; classes are the sub-folder names unless given."""
     root = Path(root)
@@ -54,11 +64,9 @@ def list_images(root: Path, labels: list[str] | None = None) -> tuple[list[Path]
         raise click.ClickException(f"{root}: no class sub-folders found")
     files, ys = [], []
     for i, name in enumerate(labels):
-        for p in sorted((root / name).rglob("*")):
-            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not hidden:
-                files.append(p)
-                ys.append(i)
+        found = images_under(root / name, IMAGE_SUFFIXES) if (root / name).is_dir() else []
+        files += found
+        ys += [i] * len(found)
     if not files:
         raise click.ClickException(f"{root}: no images in the class sub-folders {labels}")
     return files, ys, labels

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from convert.dataset import images_under
 from edge.decode import IMAGE_SUFFIXES, decode
 from edge.errors import InputError
 from edge.preprocess import to_gray_float
@@ -66,14 +67,6 @@ class ImageHashes:
     sha256: str
     phash: int
     dhash: int
-
-
-def list_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (any depth), sorted; hidden files and folders (.ipynb_checkpoints) are skipped."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def centred_gray(image: np.ndarray) -> Image.Image:
@@ -181,7 +174,7 @@ def check_leakage(train_dir: Path, test_dir: Path, threshold: int = DEFAULT_THRE
     for d in (train_dir, test_dir):
         if not d.is_dir():
             raise ValueError(f"{d}: not a directory")
-    train_paths, test_paths = list_images(train_dir), list_images(test_dir)
+    train_paths, test_paths = images_under(train_dir), images_under(test_dir)
     for d, paths in ((train_dir, train_paths), (test_dir, test_paths)):
         if not paths:
             raise ValueError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)}) found")

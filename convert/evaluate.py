@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edge.decode import IMAGE_SUFFIXES, decode
+from edge.decode import decode
 from edge.errors import InputError
 from edge.preprocess import prepare
 
 from . import metrics
+from .dataset import images_under
 
 #: Images predicted per Keras call: large enough to amortise the call, small enough for a Pi-sized host.
 BATCH = 32
@@ -56,9 +57,7 @@ def list_labelled(data_dir: Path, labels: Sequence[str], limit: int | None = Non
         root = data_dir / label
         if not root.is_dir():
             continue
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        items += [(p, k) for p in files[:limit]]
+        items += [(p, k) for p in images_under(root)[:limit]]
     if not items:
         raise ValueError(f"{data_dir}: no images in class sub-folders named like the labels ({', '.join(labels)})")
     return items

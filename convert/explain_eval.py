@@ -37,11 +37,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from edge.decode import IMAGE_SUFFIXES, decode
+from edge.decode import decode
 from edge.errors import InputError, ModelError
 from edge.preprocess import Geometry, heatmap_to_image, prepare
 
 from . import explain_metrics as em
+from .dataset import images_under
 
 #: Perturbation steps per deletion/insertion curve (Petsiuk et al. use 224 px in 224-px steps; 20 steps is
 #: enough resolution for an area and keeps 80 invokes per scan).
@@ -85,8 +86,7 @@ def list_masked(data_dir: Path, masks_dir: Path, labels: Sequence[str], limit: i
     for folder, what in ((data_dir, "image folder"), (masks_dir, "mask folder")):
         if not folder.is_dir():
             raise ValueError(f"{folder}: not a directory ({what})")
-    files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
+    files = images_under(data_dir)
     scans, taken = [], {}
     for p in files:
         rel = p.relative_to(data_dir)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from convert.dataset import images_under
 from edge.decode import IMAGE_SUFFIXES
 
 TUMOUR, HEALTHY = "tumour", "healthy"
@@ -108,12 +109,6 @@ def check_expectations(specs: list[SetSpec], classes: list[str]) -> None:
         for value in sorted(spec.expectations() | set(spec.names)):
             if value not in allowed:
                 raise ValueError(f"set {spec.name}: {value!r} is not an expectation ({', '.join(allowed)})")
-
-
-def images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively, hidden entries skipped), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def list_set(spec: SetSpec, limit: int | None = None) -> list[Item]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from convert import augment
@@ -93,8 +94,6 @@ def compile_wrapper(model: Any, optimizer: Any, mask_weight: float) -> None:
 
 def as_batch(x: Any, masks: Any, y: Any, has_mask: Any, weight: Any, num_classes: int) -> tuple:
     """Numpy samples -> (inputs, targets, sample weights) for :func:`wrapper`."""
-    import numpy as np
-
     onehot = np.eye(num_classes, dtype=np.float32)[y]
     inputs = {"pixels": x.astype(np.float32), "mask": (masks.astype(np.float32) / 255.0)[..., None],
               "selector": onehot * has_mask[:, None].astype(np.float32)}

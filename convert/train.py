@@ -214,7 +214,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     """
     import keras
 
-    from convert import guided, training_sources
+    from convert import guided
     from convert.architectures import custom_cnn
 
     labels = pools.main.labels

@@ -12,7 +12,6 @@ leads to them, so a typo cannot leak them into training; the run also writes its
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import click
 import numpy as np
 
 from convert.copy_paste import paste_batch
-from convert.dataset import IMAGE_SUFFIXES, FolderData, class_weights, load_files
+from convert.dataset import IMAGE_SUFFIXES, FolderData, class_weights, images_under, load_files
 
 #: Path fragments that mark validation-only data (see ../shared/README.md): never training, calibration
 #: or checkpoint selection.
@@ -39,7 +38,7 @@ def check_trainable(path: Path) -> None:
 
 def subject_of(path: str | Path) -> str:
     """The subject a slice belongs to: the file name up to its first underscore (``IXI012-HH-1211_ax045``)."""
-    return re.split(r"_", Path(path).stem, maxsplit=1)[0]
+    return Path(path).stem.split("_", 1)[0]
 
 
 def subject_split(paths: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +58,7 @@ def load_healthy(folders: list[Path], labels: list[str], size: int, pipeline: st
     parts = []
     for root in folders:
         check_trainable(root)
-        files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = images_under(root, IMAGE_SUFFIXES)
         if not files:
             raise click.BadParameter(f"{root}: no images", param_hint="--extra-healthy")
         parts.append(load_files(files, [labels.index(HEALTHY)] * len(files), labels, size, 1, pipeline,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -120,13 +119,11 @@ def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | 
     if not data:
         raise InputError("no data (0 bytes)")
     if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        # The DICOM reader works on files (pydicom reads lazily and seeks); a temporary file is the honest bridge.
+        # Read from memory (pydicom seeks in a file object as in a file): in-memory data never touches disk.
         from . import dicom
 
-        with tempfile.TemporaryDirectory(prefix="edge-dicom-") as tmp:
-            path = Path(tmp) / "scan.dcm"
-            path.write_bytes(data)
-            return [(suffix, _check_array(image)) for suffix, image in dicom.read_frames(path, frame, window)]
+        frames = dicom.read_frames(io.BytesIO(data), frame, window)
+        return [(suffix, _check_array(image)) for suffix, image in frames]
     return [("", _check_array(_from_pil(_open(io.BytesIO(data), max_pixels))))]
 
 

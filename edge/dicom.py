@@ -28,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -91,9 +91,10 @@ def sop_instance_uid(path: Path) -> str | None:
 
 
 def read_frames(
-    path: Path, frame: int | None = 0, window: tuple[float, float] | None = None
+    path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None
 ) -> list[tuple[str, np.ndarray]]:
-    """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file.
+    """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file, or of a seekable
+    binary file object holding one (an upload kept in memory, so that nothing is written to disk).
 
     Returns `(suffix, image)` pairs: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
     same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready.
@@ -103,10 +104,10 @@ def read_frames(
     # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
     # the dataset, not only the read, happens with its warnings and log records silenced.
     with _quiet(), _no_context():
-        return _read_frames(Path(path), frame, window)
+        return _read_frames(path if hasattr(path, "read") else Path(path), frame, window)
 
 
-def _read_frames(path: Path, frame: int | None, window: tuple[float, float] | None) -> list[tuple[str, np.ndarray]]:
+def _read_frames(path: Path | BinaryIO, frame: int | None, window: tuple[float, float] | None) -> list[tuple[str, np.ndarray]]:
     ds = _read_dataset(path)
     count = _frame_count(ds)
     if frame is not None and not 0 <= frame < count:
@@ -167,16 +168,19 @@ class _DropAll(logging.Filter):
         return False
 
 
-def _read_dataset(path: Path) -> Any:
+def _read_dataset(path: Path | BinaryIO) -> Any:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
+    source = str(path) if isinstance(path, Path) else path
     try:
         try:
-            ds = pydicom.dcmread(str(path))
+            ds = pydicom.dcmread(source)
         except InvalidDicomError:
             # No preamble/'DICM' (older exports): parse anyway, then insist on pixel data below.
-            ds = pydicom.dcmread(str(path), force=True)
+            if not isinstance(source, str):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)
     except FileNotFoundError:
         raise DicomError("file not found") from None
     except IsADirectoryError:

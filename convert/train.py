@@ -50,6 +50,7 @@ class TrainConfig:
     cache_dir: Path | None = None
     init: Path | None = None
     stride: int = 16
+    last_width: int | None = None
     masks: Path | None = None
     extra_healthy: tuple[Path, ...] = ()
     healthy_per_epoch: int | None = None
@@ -191,7 +192,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     """End-to-end training of the custom CNN with on-the-fly augmentation."""
     from convert.architectures import custom_cnn
 
-    model = custom_cnn(cfg.input_size, 1, len(train.labels), stride=cfg.stride)
+    model = custom_cnn(cfg.input_size, 1, len(train.labels), stride=cfg.stride, last_width=cfg.last_width)
     if cfg.init is not None:
         _load_start(model, cfg, train.labels)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
@@ -219,7 +220,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
 
     labels = pools.main.labels
     num = len(labels)
-    net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride)
+    net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride, last_width=cfg.last_width)
     if cfg.init is not None:
         _load_start(net, cfg, labels)
     n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
@@ -238,7 +239,8 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
                      callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs (guided)", cfg.epochs, "", net))
     healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
     clean = FolderData(val.x, val.y, labels, [], [])
-    recipe = {"stride": cfg.stride, "grid": int(net.get_layer("b3_out").output.shape[1]),
+    last = net.get_layer("b3_out").output.shape
+    recipe = {"stride": cfg.stride, "last_width": int(last[-1]), "grid": int(last[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
               "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum())}
     return net, hist.history, _val_accuracy(net, clean), recipe

@@ -187,7 +187,8 @@ IXI = Path(__file__).parent / "data" / "ixi_sample"
 
 def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path) -> None:
     """Masks, another source's healthy slices, pastes and the mask loss in one tiny run; the stride-8 model
-    converts with a 2x finer heatmap grid and the run lists exactly the files it trained on."""
+    (last stage narrowed) converts with a 2x finer heatmap grid and the run lists exactly the files it
+    trained on."""
     import csv
 
     from convert.convert_cli import main as convert_main
@@ -197,7 +198,7 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     out = tmp_path / "g.keras"
     res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
                                           "--batch-size", "8", "--val-fraction", "0.25", "--stride", "8",
-                                          "--masks", str(MASKS), "--extra-healthy", str(IXI),
+                                          "--last-width", "48", "--masks", str(MASKS), "--extra-healthy", str(IXI),
                                           "--paste-fraction", "1", "--mask-weight", "1"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "g_run" / "log.csv").open()))
@@ -209,7 +210,7 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     assert len(files["train"]) + len(files["val"]) == 32
     with zipfile.ZipFile(out) as zf:
         recipe = json.loads(zf.read("edge_mri.json"))["training"]["recipe"]
-    assert recipe["grid"] == 4 and recipe["pastes_per_epoch"] > 0
+    assert recipe["grid"] == 4 and recipe["last_width"] == 48 and recipe["pastes_per_epoch"] > 0
     tfl = tmp_path / "g.tflite"
     res = CliRunner().invoke(convert_main, [str(out), "--calibration", str(SAMPLE), "--out", str(tfl),
                                             "--num-calibration", "16"])
@@ -224,8 +225,9 @@ def test_guided_options_are_checked(tmp_path: Path) -> None:
     base = [str(SAMPLE), "--out", str(tmp_path / "x.keras")]
     res = CliRunner().invoke(train_main, base + ["--paste-fraction", "0.5"])
     assert res.exit_code == 2 and "need --masks" in res.output
-    res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none", "--masks", str(MASKS)])
-    assert res.exit_code == 2 and "custom-cnn only" in res.output
+    for option in (["--masks", str(MASKS)], ["--last-width", "128"]):
+        res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none"] + option)
+        assert res.exit_code == 2 and "custom-cnn only" in res.output
     bad = tmp_path / "external-dev" / "healthy"
     bad.mkdir(parents=True)
     res = CliRunner().invoke(train_main, base + ["--extra-healthy", str(bad), "--epochs", "1"])

@@ -32,6 +32,8 @@ CONVERT = [
 # pylibjpeg-libjpeg decodes JPEG Lossless, JPEG-LS and 12-bit JPEG (Pillow, pydicom's default, does not);
 # it has wheels for Linux x86_64 and aarch64 on Python 3.10-3.12, so a Pi installs it without compiling.
 DICOM = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"]
+# edge-serve: all pure Python (uvicorn without its optional C speed-ups), so any board installs it.
+SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"]
 
 setup(
     name="edge-mri",
@@ -42,7 +44,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["edge", "edge.*", "convert", "convert.*", "benchmarks", "benchmarks.*"]),
     package_data={
-        "edge": ["models/*.tflite", "models/*.md", "samples/*"],
+        "edge": ["models/*.tflite", "models/*.md", "samples/*", "serve_page/*"],
         "benchmarks": ["baselines/*.json", "baselines/*.md"],
     },
     install_requires=RUNTIME,
@@ -53,12 +55,15 @@ setup(
         # comes from apt (python3-picamera2, venv made with --system-site-packages). Elsewhere: "webcam".
         "camera": ["picamera2>=0.3; platform_system == 'Linux' and platform_machine in 'aarch64 armv7l'"],
         "webcam": ["opencv-python-headless>=4.8"],
-        "test": ["pytest>=7.4"] + CONVERT + DICOM,
+        "serve": SERVE,
+        # selenium drives the system's Chromium (Debian: chromium, chromium-driver) for the page's browser test.
+        "test": ["pytest>=7.4", "selenium>=4.15"] + CONVERT + DICOM + SERVE,
     },
     options={"build": {"build_base": f"{SCRATCH}/build"}, "egg_info": {"egg_base": SCRATCH}},
     entry_points={
         "console_scripts": [
             "edge-classify=edge.cli:main",
+            "edge-serve=edge.serve_cli:main",
             "edge-convert=convert.convert_cli:main",
             "edge-train=convert.train_cli:main",
             "edge-evaluate=convert.evaluate_cli:main",

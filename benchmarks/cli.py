@@ -16,6 +16,7 @@ from . import compare as compare_mod
 from . import report
 from .keras_reference import STYLES as KERAS_STYLES
 from .run import BenchError, Config, find_images, progress_length, rounds_plan, run_session
+from .serve import serve_cmd
 from .soak import parse_duration
 
 PROG = "edge-bench"
@@ -75,6 +76,7 @@ def main() -> None:
       edge-bench run --model m_int8.tflite --reference fp32=m_fp32.tflite --keras m.keras
       edge-bench run --duration 30m --threads 4        # soak: latency and memory drift
       edge-bench compare benchmarks/baselines/pi5.json new.json --tolerance 10%
+      edge-bench serve --clients 1,4,16                 # edge-serve over loopback: requests/s, p50/p99, RSS
     """
 
 
@@ -235,3 +237,6 @@ def compare_cmd(base: Path, new: Path, tolerance: str, floor_ms: float, floor_mb
         error(PROG, f"{base} and {new} have no model x threads configuration in common")
         sys.exit(2)
     sys.exit(1 if result["regressions"] else 0)
+
+
+main.add_command(serve_cmd)

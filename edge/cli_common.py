@@ -178,12 +178,14 @@ class _OneLineLogHandler(logging.Handler):
         say(self.prog, "error" if record.levelno >= logging.ERROR else "warning", record.getMessage())
 
 
-def route_logs_and_warnings(prog: str) -> None:
-    """Make the runtime's log records and any Python warning one prefixed line on stderr, like every other
-    message of ``prog`` (Python's defaults print a bare message, or two lines with a source excerpt)."""
-    logger = logging.getLogger("edge")
-    if not any(isinstance(h, _OneLineLogHandler) for h in logger.handlers):
-        logger.addHandler(_OneLineLogHandler(prog))
+def route_logs_and_warnings(prog: str, loggers: Sequence[str] = ("edge",)) -> None:
+    """Make the runtime's log records (and those of the other ``loggers``, e.g. a web server's) and any
+    Python warning one prefixed line on stderr, like every other message of ``prog`` (Python's defaults
+    print a bare message, or two lines with a source excerpt)."""
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _OneLineLogHandler) for h in logger.handlers):
+            logger.addHandler(_OneLineLogHandler(prog))
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:

@@ -92,12 +92,14 @@ def _classify(classifier: Any, upload: Upload, top_k: int) -> Outcome:
         return Outcome(500, error_record(name, f"{name}: {problem}"), problem)
     record = ok_record(result, top_k=top_k, source=name)
     status = str(record.get("status", "ok"))
+    # the log line: the verdict, or for a scan without one (refer, refused) the reason code, never a label
+    note = f"{status} {record.get('label') if status == 'ok' else record.get('reason')}"
     try:
         record["overlay_png"] = overlay_data_url(result, status) if result.image is not None else None
-    except Exception as exc:  # the verdict stands without its picture; say so rather than fail the request
+    except Exception as exc:  # the result stands without its picture; say so rather than fail the request
         record["overlay_png"] = None
-        return Outcome(200, record, f"{status} {record.get('label')} (no overlay: {type(exc).__name__})")
-    return Outcome(200, record, f"{status} {record.get('label')}")
+        return Outcome(200, record, f"{note} (no overlay: {type(exc).__name__})")
+    return Outcome(200, record, note)
 
 
 def _problem(exc: Exception) -> str:

@@ -13,6 +13,7 @@ import edge
 #: console script -> (module with `main`, arguments that make a valid call apart from the one under test)
 CLIS = {
     "edge-classify": ("edge.cli", []),
+    "edge-serve": ("edge.serve_cli", []),
     "edge-convert": ("convert.convert_cli", ["m.keras", "--calibration", "c", "--out", "o.tflite"]),
     "edge-train": ("convert.train_cli", [".", "--out", "o.keras"]),
     "edge-dedup": ("convert.dedup_cli", [".", "."]),
@@ -55,6 +56,8 @@ def test_an_unknown_option_is_one_error_line_exit_2(prog: str):
     ("edge-bench", ["run", "--images", ""], "--images"),
     ("edge-bench", ["run", "--model", ""], "--model"),
     ("edge-bench", ["run", "--out", ""], "--out"),
+    ("edge-serve", ["--keep", ""], "--keep"),
+    ("edge-serve", ["--model", ""], "--model"),
 ])
 def test_an_empty_path_is_a_usage_error(prog: str, args: list[str], option: str):
     result = invoke(prog, *args)

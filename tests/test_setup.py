@@ -23,7 +23,8 @@ DOCS = [README, *sorted((REPO / "firmware_notes").glob("*.md")), *sorted((REPO /
         *sorted((REPO / "edge" / "models").glob("*.md"))]
 CODE = sorted(p for package in ("edge", "convert", "benchmarks") for p in (REPO / package).rglob("*.py"))
 #: What the package must carry beside its modules (setup.py's package_data).
-BUNDLED = ["edge/models/*.tflite", "edge/models/*.md", "edge/samples/*", "benchmarks/baselines/*"]
+BUNDLED = ["edge/models/*.tflite", "edge/models/*.md", "edge/samples/*", "edge/serve_page/*",
+           "benchmarks/baselines/*"]
 
 
 def setup_commands() -> list[str]:

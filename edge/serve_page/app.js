@@ -9,11 +9,15 @@
   const MAX_RETRIES = 10;
   // The model's labels in the words a clinic uses; a label not listed here is shown as it is.
   const WORDS = {glioma: "Glioma", meningioma: "Meningioma", pituitary: "Pituitary tumour", notumor: "No tumour"};
-  // Statuses other than "ok" (docs/RECORDS.md): never a verdict, always said in plain words.
+  // Statuses other than "ok" (docs/RECORDS.md): never a verdict, always said in plain words. The record's own
+  // `message` is the sentence to show; these are for a record without one.
   const NO_VERDICT = {
-    refer: "Refer: this scan does not look like the brain MRI slices the model was trained on, so it gives " +
-           "no answer. A clinician must read it.",
-    refused: "Refused: the model gives no answer for this file.",
+    refer: "Not like the brain MRI this model was trained on: referred, no verdict",
+    refused: "This file cannot be a brain MRI slice: refused, no verdict",
+  };
+  const NEXT_STEP = {
+    refer: "A clinician must read this scan; the model gives no answer for it.",
+    refused: "Check that this is the right file, a brain MRI slice, and try again; the model gives no answer for it.",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -188,16 +192,28 @@
   }
 
   function renderNoVerdict(card, record) {
+    // refer, refused or any later status: no label, no probabilities, whatever else the record holds.
     card.className = "card no-verdict";
     card.appendChild(el("p", "verdict", "No verdict"));
-    const reason = NO_VERDICT[record.status] || ("The model gives no answer (status: " + record.status + ").");
-    card.appendChild(el("p", "message", reason));
-    const detail = record.reason || record.refusal;
-    if (detail) card.appendChild(el("p", "message", String(detail)));
+    card.appendChild(el("p", "message", String(record.message || NO_VERDICT[record.status] ||
+      "The model gives no answer for this file (" + record.status + ").")));
+    card.appendChild(el("p", "message", NEXT_STEP[record.status] || "A clinician must read this scan."));
     if (typeof record.ood_score === "number") {
-      card.appendChild(el("p", "meta", "Out-of-distribution score " + record.ood_score.toFixed(2)));
+      card.appendChild(el("p", "meta", "Unlike the training scans by " + record.ood_score.toFixed(2) +
+        " (above 1: referred)"));
     }
+    if (record.overlay_png) card.appendChild(figure(record.overlay_png, "The scan as the model received it", null));
     card.appendChild(meta(record));
+  }
+
+  function figure(src, alt, caption) {
+    const node = el("figure");
+    const img = el("img", "overlay");
+    img.alt = alt;
+    img.src = src;
+    node.appendChild(img);
+    if (caption) node.appendChild(el("figcaption", "hint", caption));
+    return node;
   }
 
   function renderVerdict(card, record) {
@@ -220,15 +236,9 @@
     }
     card.appendChild(list);
     if (record.overlay_png) {
-      const figure = el("figure");
-      const img = el("img", "overlay");
-      img.alt = "The scan with the model's heatmap: where it looked for its answer";
-      img.src = record.overlay_png;
-      figure.appendChild(img);
-      figure.appendChild(el("figcaption", "hint",
-        "Where the model looked: the colour scale under the picture runs from low to high evidence. " +
-        "It shows what the model used, not where a lesion is."));
-      card.appendChild(figure);
+      card.appendChild(figure(record.overlay_png, "The scan with the model's heatmap: where it looked for its answer",
+        record.has_heatmap ? "Where the model looked: the colour scale under the picture runs from low to high " +
+          "evidence. It shows what the model used, not where a lesion is." : null));
     }
     card.appendChild(meta(record));
   }

@@ -7,6 +7,13 @@ becomes a 2-D (grayscale, full bit depth kept) or H x W x 3 (RGB) array here, so
 Every failure is an :class:`InputError` whose message starts with the item ("scan.png: file is empty"), so
 a batch can report it in one line and go on. Pillow's decoders raise many exception types on malformed
 files; they are all caught at this one boundary and named as corrupt data.
+
+Memory is bounded whatever the file: an image over `edge.reduce.WORK_PIXELS` is reduced by a whole factor
+while it is decoded, before any float conversion. JPEG is decoded reduced by libjpeg itself (Pillow's
+``draft``); uncompressed TIFF and BMP are read from the file a band of rows at a time; every other format
+(PNG, compressed TIFF, GIF, WebP) is decoded whole in Pillow's own pixel format, within ``MAX_DECODED_BYTES``,
+and reduced band by band; numpy arrays are reduced band by band. The EXIF orientation is applied to the
+result, so it never costs a full-size copy.
 """
 from __future__ import annotations
 
@@ -14,11 +21,13 @@ import io
 import os
 import stat
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from . import reduce
 from .errors import InputError, TransientInputError
 from .quiet import warnings_ignored
 
@@ -29,6 +38,12 @@ Source = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.n
 MAX_PIXELS = 50_000_000
 #: Smallest side accepted: below this there is no anatomy to classify, only a thumbnail or a mistake.
 MIN_SIDE = 16
+#: Largest buffer an image over `edge.reduce.WORK_PIXELS` may need to be decoded whole, in bytes as Pillow
+#: stores pixels (1 a pixel for 8-bit grayscale or palette, 2 for 16-bit grayscale, 4 for anything else).
+#: Formats that cannot be decoded reduced (PNG, compressed TIFF, GIF, WebP) must fit in it, so that a run's
+#: peak stays near 200 MB: a 7070 x 7070 16-bit PNG (95 MiB) is accepted, a 7070 x 7070 RGB PNG (191 MiB)
+#: is refused. JPEG, uncompressed TIFF and BMP never need the buffer and are limited by MAX_PIXELS only.
+MAX_DECODED_BYTES = 150 * 2**20
 #: File suffixes a directory walk picks up (DICOM files without a suffix are found by their magic).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -65,9 +80,9 @@ def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float,
         raise InputError("'': empty path (no file named)")
     try:
         if isinstance(source, np.ndarray):
-            return [("", _check_array(_from_array(source)))]
+            return [("", _from_ndarray(source))]
         if isinstance(source, Image.Image):
-            return [("", _check_array(_from_pil(_load(source, max_pixels))))]
+            return [("", _from_image(source, max_pixels, own=False))]
         if isinstance(source, (bytes, bytearray, memoryview)):
             return _decode_bytes(bytes(source), frame, window, max_pixels)
         if isinstance(source, (str, os.PathLike)):
@@ -97,7 +112,7 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
     from . import dicom
 
     if dicom.is_dicom(path):
-        return [(suffix, _check_array(image)) for suffix, image in dicom.read_frames(path, frame, window)]
+        return [(suffix, _check_finite(image)) for suffix, image in dicom.read_frames(path, frame, window)]
     try:
         fh = path.open("rb")
     except PermissionError:
@@ -106,7 +121,7 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
         raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
     with fh:
         try:
-            return [("", _check_array(_from_pil(_open(fh, max_pixels))))]
+            return [("", _open(fh, max_pixels))]
         except OSError as exc:
             if exc.errno is not None:  # the system failed to read (a failing disk, a share gone): may pass
                 raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
@@ -123,12 +138,12 @@ def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | 
         from . import dicom
 
         frames = dicom.read_frames(io.BytesIO(data), frame, window)
-        return [(suffix, _check_array(image)) for suffix, image in frames]
-    return [("", _check_array(_from_pil(_open(io.BytesIO(data), max_pixels))))]
+        return [(suffix, _check_finite(image)) for suffix, image in frames]
+    return [("", _open(io.BytesIO(data), max_pixels))]
 
 
-def _open(fh: BinaryIO, max_pixels: int) -> Image.Image:
-    """Open and fully decode an image file object, refusing oversized and malformed images."""
+def _open(fh: BinaryIO, max_pixels: int) -> np.ndarray:
+    """Open and decode an image file object, refusing oversized and malformed images."""
     # Pillow's warnings (a decompression-bomb size between its limit and twice that, for which the size check
     # below is the real guard; a malformed EXIF or MPO block) are noise to a user and would print two lines.
     with warnings_ignored():
@@ -138,29 +153,130 @@ def _open(fh: BinaryIO, max_pixels: int) -> Image.Image:
             raise InputError(f"refused as a possible decompression bomb ({exc})") from None
         except UnidentifiedImageError:
             raise InputError("not a recognised image (expected JPEG, PNG, BMP, TIFF or DICOM)") from None
-    return _load(img, max_pixels)
+    return _from_image(img, max_pixels, own=True)
 
 
-def _load(img: Image.Image, max_pixels: int) -> Image.Image:
-    """Check the size from the header, decode the pixels, and apply the EXIF orientation."""
-    width, height = img.size
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image by its header size: over ``max_pixels`` (a possible decompression bomb) or too small."""
     if width * height > max_pixels:
         raise InputError(f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, over the "
                          f"{max_pixels / 1e6:.0f} Mpx limit (refused as a possible decompression bomb)")
     if min(width, height) < MIN_SIDE:
         raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+
+
+def _from_image(img: Image.Image, max_pixels: int, own: bool) -> np.ndarray:
+    """Check the size from the header, decode the pixels (reduced when very large), apply the EXIF orientation.
+
+    ``own``: the image was opened here from a file, so it may be decoded reduced (JPEG) or read from its file
+    in bands; a caller's image is never changed or read behind its back, only reduced once decoded.
+    """
+    width, height = img.size
+    check_size(width, height, max_pixels)
+    k = reduce.factor(width, height)
     try:
         with warnings_ignored():
-            img.load()
+            if k > 1 and own and img.format in ("JPEG", "MPO"):
+                # libjpeg scales by 1/2, 1/4 or 1/8 while it decodes: the full-size image never exists
+                img.draft(None, (max(1, width // k), max(1, height // k)))
+                k = reduce.factor(*img.size)
+            strips = _raw_strips(img) if k > 1 and own else None
+            if strips is not None:
+                pixels = reduce.reduce_bands(_strip_bands(img, strips, reduce.band_rows(width, k)), k)
+            else:
+                if k > 1 and getattr(img, "tile", None):  # not decoded yet, and it will be decoded whole
+                    _check_decoded_bytes(img)
+                img.load()
+                pixels = _from_pil(img) if k == 1 else reduce.reduce_bands(_image_bands(img, k), k)
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
     except Exception as exc:  # Pillow's decoders raise SyntaxError, ValueError, struct.error, ... on bad data
         raise InputError(f"corrupt image data ({type(exc).__name__}: {_first_line(exc)})") from None
+    return _check_finite(_orient(pixels, _orientation(img)))
+
+
+def _check_decoded_bytes(img: Image.Image) -> None:
+    width, height = img.size
+    mode = img.mode
+    need = width * height * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
+    if need > MAX_DECODED_BYTES:
+        raise InputError(f"image is {width}x{height} px ({mode} {img.format or 'image'}), which is decoded whole: "
+                         f"{need / 2**20:.0f} MiB, over the {MAX_DECODED_BYTES / 2**20:.0f} MiB limit for formats "
+                         "that cannot be decoded reduced (JPEG, uncompressed TIFF and BMP can)")
+
+
+#: One strip of an uncompressed image: first row, end row, file offset, Pillow raw mode, bytes a row, row order.
+_Strip = tuple[int, int, int, str, int, int]
+
+
+def _raw_strips(img: Image.Image) -> list[_Strip] | None:
+    """The strips of an image stored uncompressed in full-width strips from the top (TIFF, BMP), which can be
+    read from its file a band of rows at a time; None for any other layout (compressed, tiled, palette)."""
+    if img.mode in ("P", "PA") or getattr(img, "fp", None) is None:
+        return None
+    strips: list[_Strip] = []
+    for name, (x0, y0, x1, y1), offset, args in getattr(img, "tile", None) or ():
+        if name != "raw" or x0 != 0 or x1 != img.size[0] or y0 != (strips[-1][1] if strips else 0):
+            return None
+        rawmode, stride, order = (args, 0, 1) if isinstance(args, str) else (tuple(args) + (0, 1))[:3]
+        stride = stride or _tiff_row_bytes(img)
+        if not stride or order not in (1, -1):
+            return None
+        strips.append((y0, y1, offset, rawmode, stride, order))
+    return strips if strips and strips[-1][1] == img.size[1] else None
+
+
+def _tiff_row_bytes(img: Image.Image) -> int:
+    """Bytes a row of an uncompressed, interleaved TIFF (rows end on a whole byte); 0 for anything else."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None or tags.get(284, 1) != 1:  # 284: PlanarConfiguration
+        return 0
+    bits = tuple(tags.get(258, (1,)))  # BitsPerSample, one value or one per sample
+    samples = int(tags.get(277, len(bits)))  # SamplesPerPixel
+    return (img.size[0] * sum(bits * samples if len(bits) == 1 else bits) + 7) // 8
+
+
+def _strip_bands(img: Image.Image, strips: list[_Strip], rows: int) -> Iterator[np.ndarray]:
+    """The image as arrays of at most ``rows`` rows, top to bottom, each read from the file and unpacked by
+    Pillow's raw decoder on its own."""
+    fp, width = img.fp, img.size[0]
+    for y0, y1, offset, rawmode, stride, order in strips:
+        for y in range(y0, y1, rows):
+            n = min(rows, y1 - y)
+            fp.seek(offset + (y - y0 if order == 1 else y1 - y - n) * stride)  # bottom-up: the last row first
+            data = fp.read(n * stride)
+            try:
+                band = Image.frombytes(img.mode, (width, n), data, "raw", rawmode, stride, order)
+            except ValueError as exc:
+                raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
+            yield _from_pil(band)
+
+
+def _image_bands(img: Image.Image, k: int) -> Iterator[np.ndarray]:
+    """A decoded Pillow image as arrays of a few rows at a time, so no full-size numpy copy is made."""
+    width, height = img.size
+    rows = reduce.band_rows(width, k)
+    for y in range(0, height, rows):
+        yield _from_pil(img.crop((0, y, width, min(height, y + rows))))
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) the image should be shown with, 1 when it has none."""
     try:
         with warnings_ignored():  # "Corrupt EXIF data": only the orientation hint is lost
-            return ImageOps.exif_transpose(img)
+            return int(img.getexif().get(0x0112, 1))
     except Exception:  # a malformed EXIF block only loses the orientation hint, not the scan
-        return img
+        return 1
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """``a`` turned as Pillow's ImageOps.exif_transpose turns an image with this EXIF orientation."""
+    turn = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
+            5: lambda x: x.swapaxes(0, 1), 6: lambda x: np.rot90(x, -1),
+            7: lambda x: x[::-1, ::-1].swapaxes(0, 1), 8: lambda x: np.rot90(x, 1)}.get(orientation)
+    return a if turn is None else np.ascontiguousarray(turn(a))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,10 +332,23 @@ def _from_array(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _check_array(a: np.ndarray) -> np.ndarray:
-    height, width = a.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+def _from_ndarray(a: np.ndarray) -> np.ndarray:
+    """A caller's array as an image, reduced band by band when it is over `edge.reduce.WORK_PIXELS`."""
+    height, width = a.shape[:2] if a.ndim in (2, 3) else (0, 0)
+    k = reduce.factor(width, height)
+    if k == 1:
+        image = _from_array(a)
+        height, width = image.shape[:2]
+        if min(height, width) < MIN_SIDE:
+            raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+        return _check_finite(image)
+    check_size(width, height, max_pixels=width * height)
+    rows = reduce.band_rows(width, k)
+    return _check_finite(reduce.reduce_bands((_from_array(a[y:y + rows]) for y in range(0, height, rows)), k))
+
+
+def _check_finite(a: np.ndarray) -> np.ndarray:
+    """Refuse NaN or infinite pixels (a reduced image keeps them: a block with one is NaN or infinite)."""
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise InputError("image has non-finite (NaN or infinite) pixel values")
     return a

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -229,19 +229,10 @@ def reduced_gray(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def heat_on_grid(heatmap: np.ndarray, geometry: Geometry, shape: tuple[int, int]) -> np.ndarray:
     """A model-space heatmap put back on a ``shape`` (h, w) picture of the scan (float32, 0 outside the crop).
 
-    :func:`edge.preprocess.heatmap_to_image` with the crop geometry scaled to the picture, so the heat is never
-    built at the scan's full size.
+    :func:`edge.preprocess.heatmap_to_image` onto the picture's grid, so the heat is never built at the scan's
+    full size.
     """
-    H, W = geometry.image_shape
-    h, w = shape
-    fy, fx = h / H, w / W
-    top, left, bottom, right = geometry.box
-    t, l = min(h - 1, round(top * fy)), min(w - 1, round(left * fx))
-    b, r = max(t + 1, min(h, round(bottom * fy))), max(l + 1, min(w, round(right * fx)))
-    oy, ox = round(geometry.offset[0] * fy), round(geometry.offset[1] * fx)
-    canvas = (max(round(geometry.canvas[0] * fy), oy + b - t), max(round(geometry.canvas[1] * fx), ox + r - l))
-    scaled = replace(geometry, image_shape=(h, w), box=(t, l, b, r), canvas=canvas, offset=(oy, ox))
-    return heatmap_to_image(heatmap, scaled)
+    return heatmap_to_image(heatmap, geometry, shape)
 
 
 def scale_colours(n: int) -> np.ndarray:

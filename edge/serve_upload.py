@@ -156,7 +156,7 @@ async def read_upload(content_type: str, content_length: str | None, chunks: Asy
         except ValueError:
             raise UploadError(400, "the Content-Length header is not a number") from None
         if declared > max_body:
-            raise UploadError(413, f"the upload is {_mb(declared)}, over the {_mb(max_file)} limit")
+            raise UploadError(413, f"the upload is {declared / 1e6:.1f} MB, over the {_mb(max_file)} limit")
     collector = _Collector(max_file)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0

@@ -112,7 +112,8 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
     from . import dicom
 
     if dicom.is_dicom(path):
-        return [(suffix, _check_finite(image)) for suffix, image in dicom.read_frames(path, frame, window)]
+        frames = dicom.read_frames(path, frame, window, max_pixels)
+        return [(suffix, _check_decoded(image)) for suffix, image in frames]
     try:
         fh = path.open("rb")
     except PermissionError:
@@ -137,8 +138,8 @@ def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | 
         # Read from memory (pydicom seeks in a file object as in a file): in-memory data never touches disk.
         from . import dicom
 
-        frames = dicom.read_frames(io.BytesIO(data), frame, window)
-        return [(suffix, _check_finite(image)) for suffix, image in frames]
+        frames = dicom.read_frames(io.BytesIO(data), frame, window, max_pixels)
+        return [(suffix, _check_decoded(image)) for suffix, image in frames]
     return [("", _open(io.BytesIO(data), max_pixels))]
 
 
@@ -156,12 +157,12 @@ def _open(fh: BinaryIO, max_pixels: int) -> np.ndarray:
     return _from_image(img, max_pixels, own=True)
 
 
-def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> None:
     """Refuse an image by its header size: over ``max_pixels`` (a possible decompression bomb) or too small."""
     if width * height > max_pixels:
         raise InputError(f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, over the "
                          f"{max_pixels / 1e6:.0f} Mpx limit (refused as a possible decompression bomb)")
-    if min(width, height) < MIN_SIDE:
+    if min(width, height) < min_side:
         raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
 
 
@@ -337,14 +338,17 @@ def _from_ndarray(a: np.ndarray) -> np.ndarray:
     height, width = a.shape[:2] if a.ndim in (2, 3) else (0, 0)
     k = reduce.factor(width, height)
     if k == 1:
-        image = _from_array(a)
-        height, width = image.shape[:2]
-        if min(height, width) < MIN_SIDE:
-            raise InputError(f"image is {width}x{height} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
-        return _check_finite(image)
+        return _check_decoded(_from_array(a))
     check_size(width, height, max_pixels=width * height)
     rows = reduce.band_rows(width, k)
     return _check_finite(reduce.reduce_bands((_from_array(a[y:y + rows]) for y in range(0, height, rows)), k))
+
+
+def _check_decoded(a: np.ndarray) -> np.ndarray:
+    """An image decoded elsewhere (an array, a DICOM frame: no pixel limit here) checked for size and values."""
+    height, width = a.shape[:2]
+    check_size(width, height, max_pixels=width * height)
+    return _check_finite(a)
 
 
 def _check_finite(a: np.ndarray) -> np.ndarray:

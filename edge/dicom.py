@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import reduce
 from .errors import DicomError, MissingDecoderError, TransientInputError, install_hint
 
 SUFFIXES = (".dcm", ".dicom")
@@ -91,7 +92,8 @@ def sop_instance_uid(path: Path) -> str | None:
 
 
 def read_frames(
-    path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None
+    path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None,
+    max_pixels: int | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file, or of a seekable
     binary file object holding one (an upload kept in memory, so that nothing is written to disk).
@@ -100,27 +102,30 @@ def read_frames(
     same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready.
     `window=(centre, width)` overrides the file's window (linear VOI function, in rescaled units such as
     Hounsfield units); it applies to grayscale images only.
+
+    Memory: a frame over ``max_pixels`` (default `edge.decode.MAX_PIXELS`) is refused from the header; an
+    uncompressed frame is a view on the file's pixel data, not a copy; a frame over `edge.reduce.WORK_PIXELS`
+    is reduced in its stored type, band by band, before it is converted to float; a compressed frame must
+    decode within `edge.decode.MAX_DECODED_BYTES`. Frames are decoded one at a time.
     """
     # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
     # the dataset, not only the read, happens with its warnings and log records silenced.
     with _quiet(), _no_context():
-        return _read_frames(path if hasattr(path, "read") else Path(path), frame, window)
+        return _read_frames(path if hasattr(path, "read") else Path(path), frame, window, max_pixels)
 
 
-def _read_frames(path: Path | BinaryIO, frame: int | None, window: tuple[float, float] | None) -> list[tuple[str, np.ndarray]]:
+def _read_frames(path: Path | BinaryIO, frame: int | None, window: tuple[float, float] | None,
+                 max_pixels: int | None) -> list[tuple[str, np.ndarray]]:
     ds = _read_dataset(path)
     count = _frame_count(ds)
     if frame is not None and not 0 <= frame < count:
         raise DicomError(f"frame {frame} out of range (the file has {count} frame{'s' if count != 1 else ''})")
     if window is not None and window[1] <= 0:
         raise DicomError(f"window width must be positive, got {window[1]:g}")
-    pixels = _decode(ds, frame)
-    stack = pixels[None] if (count == 1 or frame is not None) else pixels
-    indices = range(count) if frame is None else [frame]
     out = []
-    for index, raw in zip(indices, stack):
+    for index in range(count) if frame is None else [frame]:
         suffix = "" if count == 1 else f"[frame {index}]"
-        out.append((suffix, _display(raw, ds, index, window)))
+        out.append((suffix, _display(_reduced(_decode(ds, index, max_pixels), ds), ds, index, window)))
     return out
 
 
@@ -212,8 +217,9 @@ def _frame_count(ds: Any) -> int:
     return count
 
 
-def _decode(ds: Any, frame: int | None) -> np.ndarray:
-    """Decode the pixel data (one frame or all), turning every failure into a DicomError."""
+def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
+    """Decode one frame of the pixel data (uncompressed: a read-only view, no copy), turning every failure into
+    a DicomError; refuse a frame too large by its header first."""
     from pydicom.pixels import get_decoder, pixel_array
 
     uid = ds.file_meta.TransferSyntaxUID
@@ -226,8 +232,9 @@ def _decode(ds: Any, frame: int | None) -> np.ndarray:
     if not decoder.is_available:
         raise MissingDecoderError(f"transfer syntax {syntax} needs a decoder that is not installed "
                                   f"({_install_hint(decoder)})")
+    _check_frame_size(ds, decoder.is_encapsulated, max_pixels)
     try:
-        return pixel_array(ds, index=frame)
+        return pixel_array(ds, index=frame, **({} if decoder.is_encapsulated else {"view_only": True}))
     except ValueError as exc:
         raise DicomError(f"pixel data is truncated or corrupt: {_quote(exc, ds)}") from None
     except Exception as exc:
@@ -236,6 +243,36 @@ def _decode(ds: Any, frame: int | None) -> np.ndarray:
             raise DicomError(f"cannot decode transfer syntax {syntax}: {_quote(exc, ds)}"
                              + (f" (another decoder may: {hint})" if decoder.missing_dependencies else "")) from None
         raise DicomError(f"pixel data is unreadable: {_quote(exc, ds)}") from None
+
+
+def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> None:
+    """The pixel limits of every other format, from the header; a compressed frame is decoded whole, so it must
+    also fit `edge.decode.MAX_DECODED_BYTES`."""
+    from .decode import MAX_DECODED_BYTES, MAX_PIXELS, check_size
+
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom names the missing or invalid element when it decodes
+    check_size(cols, rows, MAX_PIXELS if max_pixels is None else max_pixels, min_side=1)
+    need = rows * cols * samples * -(-bits // 8)
+    if compressed and rows * cols > reduce.WORK_PIXELS and need > MAX_DECODED_BYTES:
+        raise DicomError(f"a compressed {cols}x{rows} frame is decoded whole: {need / 2**20:.0f} MiB, over the "
+                         f"{MAX_DECODED_BYTES / 2**20:.0f} MiB limit")
+
+
+def _reduced(raw: np.ndarray, ds: Any) -> np.ndarray:
+    """A frame over `edge.reduce.WORK_PIXELS` averaged down in its stored type before anything makes it float;
+    palette indices are sampled instead, since the mean of two indices is a third colour."""
+    rows, cols = raw.shape[:2]
+    k = reduce.factor(cols, rows)
+    if k == 1:
+        return raw
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+        return np.ascontiguousarray(raw[::k, ::k])
+    step = reduce.band_rows(cols, k)
+    return reduce.reduce_bands((raw[y:y + step] for y in range(0, rows, step)), k)
 
 
 def _install_hint(decoder: Any) -> str:

@@ -31,10 +31,18 @@ Examples:
   edge-convert model.keras --calibration calib/ --out m.tflite --also-fp32 --json
 
 \b
---report DIR compares the int8 (and fp32) file with the Keras model on held-out images (--heldout,
-default: calibration-folder images not used for calibration): top-1 agreement, accuracy, probability
-differences, heatmap correlation with a GradientTape Grad-CAM; writes parity.json, parity.txt and
-heatmaps.png.
+Every conversion ends with a check: top-1 agreement of the int8 file with the Keras model on held-out
+images (--heldout DIR, default: up to 400 calibration-folder images not used for calibration; never the
+calibration images). Below --agreement (default 99.5%) it repairs the file: the ops TensorFlow's
+quantization debugger ranks worst are kept in float (builtin kernels), the fewest that reach the target,
+within --size-budget and --latency-budget (ratios over the all-int8 file; invoke time measured here, one
+thread). At or above the target nothing changes. --agreement 0 skips the check.
+
+\b
+--report DIR compares the int8 (and fp32) file with the Keras model on the first 200 held-out images:
+top-1 agreement, accuracy, probability differences, heatmap correlation with a GradientTape Grad-CAM
+(parity.json, parity.txt, heatmaps.png); and ranks the ops by the int8 error each adds, with what keeping
+it in float costs in size and invoke time, and what the repair did (quantization.json, .md, .png).
 
 \b
 Exit codes:
@@ -77,6 +85,10 @@ def _summary(result) -> list[str]:
     lines.append(f"float ops: {', '.join(f'{k} x{n}' for k, n in result.float_ops.items()) or 'none'}")
     if result.fp32_out:
         lines.append(f"also wrote {result.fp32_out} ({result.fp32_out.stat().st_size / 1024:.0f} KiB, float32)")
+    if result.repair:
+        from convert.quant_debug import repair_lines
+
+        lines += repair_lines(result.repair)[:3]
     if result.report:
         for name, v in result.report["variants"].items():
             r = v["heatmap_pearson"]
@@ -107,7 +119,8 @@ def _summary(result) -> list[str]:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write a parity report (JSON, text, heatmap PNG) into this folder.")
 @click.option("--heldout", "heldout_dir", type=click.Path(path_type=Path),
-              help="Images for the parity report (default: unused calibration-folder images, up to 200).")
+              help="Held-out images for the agreement check (up to 400) and the parity report (200) (default: "
+                   "calibration-folder images not used for calibration).")
 @click.option("--heatmap/--no-heatmap", "gradcam", default=True, show_default=True,
               help="Build the in-graph Grad-CAM head. --no-heatmap writes the same model with only "
                    "`probabilities`: the baseline that `edge-bench --reference nohead=...` uses to measure "
@@ -116,12 +129,19 @@ def _summary(result) -> list[str]:
               help="Rescale the channels inside depthwise-separable convolutions (Xception) before int8 "
                    "quantization: same float function, less int8 rounding where channel ranges differ widely. No "
                    "effect on models without separable convolutions; --no-equalise measures what it buys.")
+@click.option("--agreement", default=0.995, show_default=True, type=click.FloatRange(0, 1),
+              help="Target top-1 agreement with the Keras model on held-out images; below it the worst ops are "
+                   "kept in float. 0: no check.")
+@click.option("--size-budget", default=1.5, show_default=True, type=click.FloatRange(1),
+              help="Largest file size the repair may reach, as a multiple of the all-int8 file.")
+@click.option("--latency-budget", default=1.3, show_default=True, type=click.FloatRange(1),
+              help="Largest invoke time the repair may reach, as a multiple of the all-int8 file's.")
 @click.option("--name", help="Model name in the metadata (default: carried, else the file stem).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
          pipeline: str | None, input_size: int | None, target_layer: str | None, num_calibration: int,
          also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
-         name: str | None, as_json: bool) -> None:
+         agreement: float, size_budget: float, latency_budget: float, name: str | None, as_json: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         require_extra(["tensorflow", "keras"], "convert", "edge-convert")
@@ -158,6 +178,7 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
                                preprocess=preprocess, input_size=input_size, target_layer=target_layer,
                                num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
                                heldout_dir=heldout_dir, name=name, pipeline=pipeline, gradcam=gradcam, equalise=equalise,
+                               agreement=agreement, size_budget=size_budget, latency_budget=latency_budget,
                                progress=not as_json, log=say)
     except OSError as exc:
         _fail(str(exc), EXIT_INPUT, as_json)

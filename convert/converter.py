@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convert import calibration, equalise as equalisation, gradcam_head, keras_io, normalisation
+from convert import calibration, equalise as equalisation, gradcam_head, keras_io, normalisation, repair
 from convert.metadata import embed_metadata
 from edge.model_file import SCHEMA_VERSION, read_spec
 from edge.preprocess import PIPELINES
@@ -71,6 +71,8 @@ class ConversionResult:
     feature_shape: tuple[int, int, int] | None = None
     report: dict[str, Any] | None = None
     report_files: list[Path] = field(default_factory=list)
+    #: The held-out agreement check and what the repair did (`convert.agreement`); None when not checked.
+    repair: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "fp32_out": str(self.fp32_out) if self.fp32_out else None,
@@ -81,7 +83,7 @@ class ConversionResult:
                 "feature_shape": list(self.feature_shape) if self.feature_shape else None,
                 "size_bytes": self.out.stat().st_size, "ops": self.ops, "float_ops": self.float_ops,
                 "calibration": self.calibration, "weights": self.metadata.get("weights"), "report": self.report,
-                "report_files": [str(p) for p in self.report_files]}
+                "report_files": [str(p) for p in self.report_files], "repair": self.repair}
 
 
 def package_version() -> str:
@@ -277,14 +279,21 @@ def to_int8(saved_model: Path, images: np.ndarray, float_ops: Sequence[str] = ()
             float_layers: Sequence[str] = ()) -> bytes:
     """Full-integer TFLite: int8 activations, per-channel int8 weights, uint8 input, float32 outputs.
 
-    Calibration runs first on its own (``_experimental_calibrate_only``), then TensorFlow's MLIR quantizer
-    is applied with a denylist. That is the documented selective-quantization route (it is what
+    Calibration runs first on its own (`calibrate`), then TensorFlow's MLIR quantizer is applied with a
+    denylist (`quantize`). That is the documented selective-quantization route (it is what
     ``tf.lite.experimental.QuantizationDebugger`` does): the Grad-CAM combination stays float, and so do
     the op types named in ``float_ops`` (e.g. ``["DEPTHWISE_CONV_2D"]``) and the ops of the Keras layers
     named in ``float_layers`` (e.g. ``["block14_sepconv2"]``), all with builtin float kernels.
     """
-    from tensorflow.lite.python.convert import mlir_quantize
+    return quantize(calibrate(saved_model, images), float_ops, float_layers)
 
+
+def calibrate(saved_model: Path, images: np.ndarray) -> bytes:
+    """The float model with every tensor's calibrated range recorded, not yet quantized.
+
+    Kept apart from `quantize` because quantizing again with another denylist (the repair loop,
+    `convert.repair`) needs no new calibration: the ranges do not depend on what stays float.
+    """
     if len(images) == 0:
         raise ValueError("no calibration images")
     converter = _converter(saved_model)
@@ -297,10 +306,19 @@ def to_int8(saved_model: Path, images: np.ndarray, float_ops: Sequence[str] = ()
     converter._experimental_calibrate_only = True
     with warnings.catch_warnings():  # the calibrator uses tf.lite.Interpreter internally and says so
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
-        calibrated = converter.convert()
+        return converter.convert()
+
+
+def quantize(calibrated: bytes, float_ops: Sequence[str] = (), float_layers: Sequence[str] = (),
+             nodes: Sequence[str] = ()) -> bytes:
+    """Quantize a calibrated model, keeping in float the Grad-CAM combination, the op types ``float_ops``,
+    the ops of the Keras layers ``float_layers`` and the ops whose output tensors are named in ``nodes``."""
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    denylisted = sorted(set(float_nodes(calibrated, float_layers)) | set(nodes))
     return mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False,
                          input_data_type=tf.uint8, output_data_type=tf.float32,
-                         denylisted_ops=list(float_ops), denylisted_nodes=float_nodes(calibrated, float_layers))
+                         denylisted_ops=list(float_ops), denylisted_nodes=denylisted)
 
 
 def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, source: dict[str, Any],
@@ -341,19 +359,15 @@ def progress_bar(enabled: bool, length: int, label: str) -> Any:
     return contextlib.nullcontext(SimpleNamespace(update=lambda _n: None))
 
 
-def _parity_report(model: Any, result: ConversionResult, calib: calibration.ImageSet, *, calibration_dir: Path,
-                   heldout_dir: str | Path | None, report_dir: Path, seed: int, progress: bool,
+def _parity_report(model: Any, result: ConversionResult, calib: calibration.ImageSet, *,
+                   heldout: calibration.ImageSet, heldout_root: Path, report_dir: Path, progress: bool,
                    say: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
-    """Held-out images (by default the calibration folder's unused ones) through `convert.parity`."""
-    from convert import parity
+    """The first `HELDOUT_IMAGES` held-out images (by default the calibration folder's unused ones) through
+    `convert.parity`."""
+    from convert import agreement, parity
 
     settings = result.settings
-    heldout_root = Path(heldout_dir) if heldout_dir is not None else calibration_dir
-    exclude = calib.paths if heldout_root.resolve() == calibration_dir.resolve() else []
-    with progress_bar(progress, HELDOUT_IMAGES, "held-out images") as bar:
-        heldout = calibration.load_images(heldout_root, size=settings.input_size, channels=settings.channels,
-                                          pipeline=settings.pipeline, count=HELDOUT_IMAGES, seed=seed + 1,
-                                          exclude=exclude, progress=bar.update)
+    heldout = agreement.first(heldout, HELDOUT_IMAGES)
     variants = {"int8": result.out.read_bytes()}
     if result.fp32_out is not None:
         variants["fp32"] = result.fp32_out.read_bytes()
@@ -375,7 +389,9 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   also_fp32: bool = False, report_dir: str | Path | None = None,
                   heldout_dir: str | Path | None = None, name: str | None = None, gradcam: bool = True,
                   pipeline: str | None = None, seed: int = 0, float_ops: Sequence[str] = (),
-                  float_layers: Sequence[str] = (), equalise: bool = True, progress: bool = False,
+                  float_layers: Sequence[str] = (), equalise: bool = True, agreement: float = repair.TARGET,
+                  size_budget: float = repair.SIZE_BUDGET, latency_budget: float = repair.LATENCY_BUDGET,
+                  progress: bool = False,
                   log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
@@ -391,6 +407,12 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     int8 rounds less where channel ranges differ widely; it does nothing to a model without
     ``SeparableConv2D`` layers. The choices
     are recorded in the metadata's converter settings.
+
+    Then the int8 file is checked against the Keras model on held-out images (`convert.agreement`):
+    below ``agreement`` top-1 agreement, the fewest ops the quantization debugger ranks worst are kept in
+    float (`convert.repair`), within ``size_budget`` and ``latency_budget`` (ratios over the all-int8
+    file); at or above it nothing changes. ``agreement=0`` skips the check. With ``report_dir`` the
+    per-layer error report (`convert.quant_debug`) is written beside the parity report.
 
     Raises ValueError (bad settings, an unsupported head, a non-builtin op) or OSError (a model, folder or
     image set that is missing or unreadable; FileNotFoundError when missing).
@@ -441,11 +463,20 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:
         saved = export_saved_model(module, model, Path(tmp) / "saved_model")
         say(f"quantizing to int8 with {summary['images']} calibration images")
-        int8 = to_int8(saved, calib.images, float_ops, float_layers)
+        calibrated = calibrate(saved, calib.images)
+        int8 = quantize(calibrated, float_ops, float_layers)
         fp32 = to_float32(saved) if also_fp32 else None
+    heldout, checked = _check_agreement(model, calibrated, int8, calib, settings, calibration_dir=calibration_dir,
+                                        heldout_dir=heldout_dir, report_dir=report_dir, seed=seed,
+                                        float_ops=float_ops, float_layers=float_layers, target=agreement,
+                                        size_budget=size_budget, latency_budget=latency_budget,
+                                        progress=progress, say=say)
+    int8 = checked.model
+    extra["repair"] = checked.to_json()
     ops, float_counts = check_builtin(int8)
     expected = set(EXPECTED_FLOAT_OPS) | set(float_ops)
-    unexpected = [] if float_layers else sorted(set(float_counts) - expected)
+    unexpected = [] if float_layers or checked.outcome and checked.outcome.kept else sorted(
+        set(float_counts) - expected)
     if unexpected:
         say(f"note: these ops run in float in the int8 model: {', '.join(unexpected)}")
     metadata = build_metadata(settings, split=split, source=source, quantization="int8",
@@ -462,9 +493,35 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     result = ConversionResult(out=out, metadata=metadata, ops=ops, float_ops=float_counts, calibration=summary,
                               settings=settings, fp32_out=fp32_out,
                               target_layer=split.target_layer if split else None,
-                              feature_shape=split.feature_shape if split else None)
+                              feature_shape=split.feature_shape if split else None,
+                              repair=checked.to_json())
     if report_dir is not None:
         result.report, result.report_files = _parity_report(
-            model, result, calib, calibration_dir=calibration_dir, heldout_dir=heldout_dir,
-            report_dir=Path(report_dir), seed=seed, progress=progress, say=say)
+            model, result, calib, heldout=heldout, heldout_root=Path(heldout_dir or calibration_dir),
+            report_dir=Path(report_dir), progress=progress, say=say)
+        result.report_files += checked.report_files
     return result
+
+
+def _check_agreement(model: Any, calibrated: bytes, int8: bytes, calib: calibration.ImageSet, settings: Settings, *,
+                     calibration_dir: Path, heldout_dir: str | Path | None, report_dir: str | Path | None, seed: int,
+                     float_ops: Sequence[str], float_layers: Sequence[str], target: float, size_budget: float,
+                     latency_budget: float, progress: bool,
+                     say: Callable[[str], None]) -> tuple[calibration.ImageSet, Any]:
+    """(held-out images, `convert.agreement.Checked`): the agreement check and repair on the held-out set."""
+    from convert import agreement as check
+
+    count = max(repair.CHECK_IMAGES if target > 0 else 0, HELDOUT_IMAGES if report_dir is not None else 0)
+    with progress_bar(progress and count > 0, count, "held-out images") as bar:
+        heldout, source = check.heldout_images(calib, calibration_dir=calibration_dir, heldout_dir=heldout_dir,
+                                               size=settings.input_size, channels=settings.channels,
+                                               pipeline=settings.pipeline, count=count, seed=seed,
+                                               progress=bar.update)
+    if target <= 0:
+        return heldout, check.Checked(int8, None)
+    return heldout, check.check_and_repair(
+        model, calibrated, int8, heldout=heldout, heldout_source=source, calib=calib, norm=settings.norm,
+        quantize=lambda nodes: quantize(calibrated, float_ops, float_layers, nodes),
+        kept_float=float_nodes(calibrated, float_layers), float_ops=float_ops, target=target,
+        size_budget=size_budget, latency_budget=latency_budget,
+        report_dir=Path(report_dir) if report_dir is not None else None, name=settings.name, say=say)

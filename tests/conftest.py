@@ -27,7 +27,7 @@ DEVICE_MODULES = {"test_bad_inputs", "test_bench", "test_camera", "test_cli_clas
                   "test_overlay", "test_readme", "test_records", "test_runtime_only", "test_serve",
                   "test_serve_browser", "test_stderr", "test_watch"}
 #: `-m slow`: TensorFlow training or conversion of real networks (a minute or more each on 2 busy cores).
-SLOW_MODULES = {"test_train", "test_gradcam_head", "test_equalise", "test_convert_cli"}
+SLOW_MODULES = {"test_train", "test_gradcam_head", "test_equalise", "test_convert_cli", "test_quant_repair"}
 SLOW_TESTS = {"test_bench.py::test_run_with_keras_reference",
               "test_bench.py::test_keras_predict_style_agrees_with_compiled",
               "test_bench.py::test_keras_reference_matches_model_and_analytic_gradcam"}

@@ -15,6 +15,7 @@ from edge.cli_common import NonEmptyPath, OneLineGroup, error, notice, version_o
 from . import compare as compare_mod
 from . import report
 from .keras_reference import STYLES as KERAS_STYLES
+from .memory import memory_cmd
 from .run import BenchError, Config, find_images, progress_length, rounds_plan, run_session
 from .serve import serve_cmd
 from .soak import parse_duration
@@ -77,6 +78,7 @@ def main() -> None:
       edge-bench run --duration 30m --threads 4        # soak: latency and memory drift
       edge-bench compare benchmarks/baselines/pi5.json new.json --tolerance 10%
       edge-bench serve --clients 1,4,16                 # edge-serve over loopback: requests/s, p50/p99, RSS
+      edge-bench memory                                # peak RSS and time of edge-classify on the worst inputs
     """
 
 
@@ -240,3 +242,4 @@ def compare_cmd(base: Path, new: Path, tolerance: str, floor_ms: float, floor_mb
 
 
 main.add_command(serve_cmd)
+main.add_command(memory_cmd)

@@ -204,7 +204,7 @@ def _check_decoded_bytes(img: Image.Image) -> None:
     need = width * height * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
     if need > MAX_DECODED_BYTES:
         raise InputError(f"image is {width}x{height} px ({mode} {img.format or 'image'}), which is decoded whole: "
-                         f"{need / 2**20:.0f} MiB, over the {MAX_DECODED_BYTES / 2**20:.0f} MiB limit for formats "
+                         f"{need / 2**20:.1f} MiB, over the {MAX_DECODED_BYTES / 2**20:.0f} MiB limit for formats "
                          "that cannot be decoded reduced (JPEG, uncompressed TIFF and BMP can)")
 
 

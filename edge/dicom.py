@@ -258,7 +258,7 @@ def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> None
     check_size(cols, rows, MAX_PIXELS if max_pixels is None else max_pixels, min_side=1)
     need = rows * cols * samples * -(-bits // 8)
     if compressed and rows * cols > reduce.WORK_PIXELS and need > MAX_DECODED_BYTES:
-        raise DicomError(f"a compressed {cols}x{rows} frame is decoded whole: {need / 2**20:.0f} MiB, over the "
+        raise DicomError(f"a compressed {cols}x{rows} frame is decoded whole: {need / 2**20:.1f} MiB, over the "
                          f"{MAX_DECODED_BYTES / 2**20:.0f} MiB limit")
 
 

@@ -122,11 +122,12 @@ def _read_frames(path: Path | BinaryIO, frame: int | None, window: tuple[float, 
         raise DicomError(f"frame {frame} out of range (the file has {count} frame{'s' if count != 1 else ''})")
     if window is not None and window[1] <= 0:
         raise DicomError(f"window width must be positive, got {window[1]:g}")
-    out = []
-    for index in range(count) if frame is None else [frame]:
-        suffix = "" if count == 1 else f"[frame {index}]"
-        out.append((suffix, _display(_reduced(_decode(ds, index, max_pixels), ds), ds, index, window)))
-    return out
+    indices = range(count) if frame is None else [frame]
+    raws = [_reduced(_decode(ds, index, max_pixels), ds) for index in indices]
+    if "PixelData" in ds and all(raw.flags.owndata for raw in raws):  # copies: the file's pixel data is not needed again
+        del ds.PixelData
+    return [("" if count == 1 else f"[frame {index}]", _display(raw, ds, index, window))
+            for index, raw in zip(indices, raws)]
 
 
 def _pydicom() -> Any:

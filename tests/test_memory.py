@@ -236,13 +236,14 @@ def test_the_memory_benchmark_runs_on_a_small_configuration(tmp_path: Path):
     from benchmarks.cli import main
 
     out = tmp_path / "memory.json"
+    # No bound on time here (a unit test asserts no wall clock): only on what each run did and its memory.
     result = CliRunner().invoke(main, ["memory", "--side", "300", "--strip", "600", "--long-strip", "2400",
-                                       "--out", str(out)], catch_exceptions=False)
+                                       "--max-seconds", "1e9", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     session = json.loads(out.read_text())
     assert session["schema"] == "edge-bench-memory/1"
     rows = session["results"]
     assert {r["heatmap"] for r in rows} == {False, True} and len(rows) % 2 == 0
-    assert all(r["pass"] and r["outcome"] == "answered" and r["peak_rss_mb"] > 10 for r in rows), rows
+    assert all(r["pass"] and r["outcome"] == "answered" and 10 < r["peak_rss_mb"] <= 250 for r in rows), rows
     assert all((r["overlay"] is not None) == r["heatmap"] for r in rows)
     assert "| 600x16 strip PNG | yes | answered" in result.output

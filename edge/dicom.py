@@ -233,9 +233,12 @@ def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
     if not decoder.is_available:
         raise MissingDecoderError(f"transfer syntax {syntax} needs a decoder that is not installed "
                                   f"({_install_hint(decoder)})")
-    _check_frame_size(ds, decoder.is_encapsulated, max_pixels)
+    big = _check_frame_size(ds, decoder.is_encapsulated, max_pixels)
+    # Uncompressed: a view, unless pydicom must clear the bits above Bits Stored, which it does on a full-size
+    # copy; a frame that will be reduced gets them cleared band by band in `_reduced` instead.
+    options = {} if decoder.is_encapsulated else {"view_only": True, "correct_unused_bits": not big}
     try:
-        return pixel_array(ds, index=frame, **({} if decoder.is_encapsulated else {"view_only": True}))
+        return pixel_array(ds, index=frame, **options)
     except ValueError as exc:
         raise DicomError(f"pixel data is truncated or corrupt: {_quote(exc, ds)}") from None
     except Exception as exc:
@@ -246,21 +249,22 @@ def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
         raise DicomError(f"pixel data is unreadable: {_quote(exc, ds)}") from None
 
 
-def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> None:
+def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> bool:
     """The pixel limits of every other format, from the header; a compressed frame is decoded whole, so it must
-    also fit `edge.decode.MAX_DECODED_BYTES`."""
+    also fit `edge.decode.MAX_DECODED_BYTES`. True when the frame will be reduced."""
     from .decode import MAX_DECODED_BYTES, MAX_PIXELS, check_size
 
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError):
-        return  # pydicom names the missing or invalid element when it decodes
+        return False  # pydicom names the missing or invalid element when it decodes
     check_size(cols, rows, MAX_PIXELS if max_pixels is None else max_pixels, min_side=1)
     need = rows * cols * samples * -(-bits // 8)
     if compressed and rows * cols > reduce.WORK_PIXELS and need > MAX_DECODED_BYTES:
         raise DicomError(f"a compressed {cols}x{rows} frame is decoded whole: {need / 2**20:.1f} MiB, over the "
                          f"{MAX_DECODED_BYTES / 2**20:.0f} MiB limit")
+    return reduce.factor(cols, rows) > 1
 
 
 def _reduced(raw: np.ndarray, ds: Any) -> np.ndarray:
@@ -273,7 +277,23 @@ def _reduced(raw: np.ndarray, ds: Any) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
         return np.ascontiguousarray(raw[::k, ::k])
     step = reduce.band_rows(cols, k)
-    return reduce.reduce_bands((raw[y:y + step] for y in range(0, rows, step)), k)
+    return reduce.reduce_bands((_used_bits(raw[y:y + step], ds) for y in range(0, rows, step)), k)
+
+
+def _used_bits(band: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored integer values with the bits above (0028,0101) Bits Stored cleared, or sign-extended when signed
+    (what pydicom does to a whole frame, here a band at a time); values already so are unchanged."""
+    try:
+        stored = int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError):
+        return band
+    container = band.dtype.itemsize * 8
+    if band.dtype.kind not in "iu" or not 0 < stored < container:
+        return band
+    if band.dtype.kind == "i":
+        shift = container - stored
+        return (band << shift) >> shift
+    return band & np.array((1 << stored) - 1, band.dtype)
 
 
 def _install_hint(decoder: Any) -> str:

@@ -232,6 +232,31 @@ def test_a_big_dicom_frame_is_reduced_before_it_becomes_float(tmp_path: Path):
     assert image[1450 // k, 1450 // k] > image[10, 10] + 100, "the bright square stays where it was"
 
 
+@pytest.mark.parametrize("signed", [0, 1])
+def test_a_reduced_dicom_frame_clears_the_bits_above_bits_stored_as_pydicom_does(tmp_path: Path, signed: int):
+    """The bits above Bits Stored are cleared (or sign-extended) band by band, as pydicom does to a whole frame."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    side, rng = 2900, np.random.default_rng(signed)
+    values = rng.integers(-2000 if signed else 0, 2000 if signed else 4000, (side, side))
+    raw = ((values & 0xFFF) | (rng.integers(0, 16, (side, side)) << 12)).astype(np.uint16)  # junk above bit 12
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, signed
+    ds.PixelData = raw.tobytes()
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "bits.dcm", enforce_file_format=True)
+    reduced = block_mean(pixel_array(pydicom.dcmread(tmp_path / "bits.dcm")), factor(side, side)).astype(np.float64)
+    expected = (reduced - reduced.min()) * (255.0 / (reduced.max() - reduced.min()))  # min-max VOI: no window
+    np.testing.assert_allclose(decode(tmp_path / "bits.dcm"), expected, atol=1e-3)
+
+
 def test_the_memory_benchmark_runs_on_a_small_configuration(tmp_path: Path):
     from benchmarks.cli import main
 

@@ -14,6 +14,7 @@ status ok, refer or refused), or, for an input over a documented limit, refused 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -116,11 +117,7 @@ def cases(side: int, strip: int, long_strip: int) -> list[Case]:
     if side > RGB_PNG_LIMIT_SIDE:
         out.append(Case(f"rgb-{side}.png", f"{side}x{side} RGB PNG (over the decoded-bytes limit)", square, "refused",
                         lambda p: _scan(square, "RGB").save(p, compress_level=1)))
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("pydicom") is not None:  # the [dicom] extra
         out.append(Case(f"mr16-{side}.dcm", f"{side}x{side} 16-bit DICOM, uncompressed", square, "answered",
                         lambda p: _write_dicom(p, side)))
     out += [

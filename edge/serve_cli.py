@@ -125,7 +125,7 @@ def _log(kind: str | None, text: str) -> None:
 def _model_summary(classifier: Any) -> dict[str, Any]:
     spec = classifier.spec
     return {"name": spec.name, "sha256": spec.sha256, "labels": list(spec.labels), "input_size": spec.input_size,
-            "channels": spec.channels, "has_heatmap": classifier.has_heatmap,
+            "channels": spec.channels, "has_heatmap": classifier.has_heatmap, "gate": classifier.gate is not None,
             "backend": {"name": classifier.backend.name, "version": classifier.backend.version}}
 
 
@@ -179,6 +179,13 @@ def main(host: str, port: int, model: str | None, backend: str | None, threads: 
     except EdgeError as exc:
         error(PROG, exc)
         return EXIT_USAGE
+    first = classifiers[0]
+    if not first.spec.weights_verified:
+        notice(PROG, f"{first.path}: the model records no weights checksum (converted before edge-convert "
+                     "wrote one), so a corrupted copy cannot be detected")
+    if first.gate is None:
+        notice(PROG, f"{first.path}: the model carries no input-gate calibration (edge-gate calibrate adds one), "
+                     "so scans unlike its training data are not referred; only blank or malformed images are refused")
     try:
         sock = bind(host, port)
     except OSError as exc:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from serve_server import classify, multipart, open_upload, read_reply, request, running_server
 
+from edge.records import SCHEMA
+
 pytest.importorskip("starlette", reason='edge-serve needs its extra: pip install "edge-mri[serve]"')
 
 SAMPLE_LABEL = re.compile(r"^([a-z]+)_\d+$")
@@ -125,7 +127,7 @@ def test_bad_uploads_get_4xx_json_and_one_log_line_each_and_the_server_lives_on(
         reply = classify(server, data, name)
         assert reply.status == status, (name, reply.body)
         record = reply.json()
-        assert record["schema"] == "edge-classify/1" and record["status"] == "error" and record["source"] == name
+        assert record["schema"] == SCHEMA and record["status"] == "error" and record["source"] == name
         assert record["error"].startswith(f"{name}: ") and problem in record["error"], record
         assert "\n" not in record["error"] and "Traceback" not in record["error"]
     # not multipart, no file field, a bad option
@@ -347,3 +349,96 @@ def test_edge_bench_serve_reports_throughput_latency_and_memory(tmp_path):
         assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert session["server"]["peak_rss_mb"] > 10
     assert "| clients |" in result.stdout and "requests/s" in result.stdout
+
+
+REPO = Path(__file__).resolve().parent.parent
+RECORDS = REPO / "docs" / "RECORDS.md"
+#: Documented as present only in some cases (DICOM frames, --keep-uids, the watch folder's keys).
+OPTIONAL = {"frame", "sop_instance_uid", "retry", "size", "mtime_ns"}
+
+
+def documented_keys(status: str) -> set[str]:
+    """Keys docs/RECORDS.md lists for a record of ``status`` ("in": all, or a list naming the status)."""
+    keys: set[str] = set()
+    table = RECORDS.read_text(encoding="utf-8").split("| key | in | meaning |", 1)[1].split("\n\n", 1)[0]
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            scope = re.findall(r"[a-z]+", cells[1].split(";")[0])
+            if scope == ["all"] or status in scope:
+                keys.update(re.findall(r"`([a-z_]+)`", cells[0]))
+    return keys
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def no_verdict_images() -> dict[str, tuple[bytes, str]]:
+    """Images the input gate turns away whatever the model's calibration: name -> (PNG, reason code)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    return {"blank.png": (_png(Image.new("L", (224, 224), 0)), "flat"),
+            "colour.png": (_png(Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))), "colour")}
+
+
+def test_records_have_the_documented_keys_and_no_verdict_without_status_ok(server, sample_scans):
+    """A sample (ok), a blank and a colour image (refused by the input gate), an unreadable file (error)."""
+    turned_away = no_verdict_images()
+    answers = [classify(server, sample_scans[0].read_bytes(), sample_scans[0].name)]
+    answers += [classify(server, data, name) for name, (data, _) in turned_away.items()]
+    answers.append(classify(server, b"not an image", "notes.txt"))
+    records = [a.json() for a in answers]
+    assert [a.status for a in answers] == [200, 200, 200, 415]
+    assert [r["status"] for r in records] == ["ok", "refused", "refused", "error"]
+    assert [r["reason"] for r in records[1:3]] == [reason for _, reason in turned_away.values()]
+    for record in records:
+        assert record["schema"] == SCHEMA
+        allowed = documented_keys(record["status"])
+        assert set(record) - allowed == set(), f"undocumented keys in a {record['status']} record"
+        assert allowed - OPTIONAL - set(record) == set(), f"documented keys missing from a {record['status']} record"
+    for record in records[1:3]:
+        assert record["label"] is None and record["confidence"] is None and record["top_k"] == []
+        assert record["probabilities"] is None and record["has_heatmap"] is False
+        assert record["message"].endswith("no verdict") and record["overlay_png"].startswith("data:image/png")
+    log = "\n".join(server.log())
+    assert "refused flat" in log and "refused colour" in log, "the log gives the reason code, never a label"
+
+
+def test_a_plot_is_referred_when_the_model_carries_a_gate_else_the_start_says_it_cannot_be(server):
+    """Out-of-distribution referral needs the model's gate calibration; without one the server says so at
+    start (as edge-classify does), and the page says so too (models.loaded.gate)."""
+    gate = request(server, "GET", "/api/models").json()["loaded"]["gate"]
+    plot = classify(server, (REPO / "docs" / "latency.png").read_bytes(), "latency.png").json()
+    if gate:
+        assert plot["status"] in ("refer", "refused") and plot["label"] is None, plot
+    else:
+        assert any("carries no input-gate calibration" in line for line in server.log()[:3]), server.log()[:3]
+
+
+def test_the_readme_serve_commands_use_real_flags():
+    from click.testing import CliRunner
+
+    from benchmarks.serve import serve_cmd
+    from edge.serve_cli import main
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for prog, command in (("edge-serve", main), ("edge-bench serve", serve_cmd)):
+        lines = [line for line in re.findall(r"^(?:\$ )?(" + prog + r" .*)$", readme, re.M)]
+        assert lines, f"the README shows no {prog} command"
+        helptext = CliRunner().invoke(command, ["--help"]).output
+        used = {flag for line in lines for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line.split("#")[0])}
+        assert sorted(f for f in used if f not in helptext) == [], prog
+
+
+def test_without_the_serve_extra_it_says_what_to_install(tmp_path):
+    code = ("import sys\nfor name in ('starlette', 'uvicorn', 'python_multipart'):\n    sys.modules[name] = None\n"
+            "from edge.serve_cli import main\nmain(['--port', '0'], prog_name='edge-serve')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("edge-serve: error: ") and 'pip install "edge-mri[serve]"' in line

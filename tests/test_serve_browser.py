@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_server import running_server
+from serve_server import request, running_server
 
 pytest.importorskip("starlette", reason='edge-serve needs its extra: pip install "edge-mri[serve]"')
 
@@ -161,3 +161,34 @@ def test_the_page_shows_an_unreadable_file_as_an_error_not_a_verdict(browser, sa
         assert card.find_element(By.CSS_SELECTOR, ".verdict").text == "Could not classify this file"
         assert "truncated" in card.find_element(By.CSS_SELECTOR, ".message").text
         assert not card.find_elements(By.CSS_SELECTOR, "img.overlay, .topk")
+
+
+def test_a_scan_without_a_verdict_says_so_and_shows_no_label(browser, tmp_path):
+    """A blank and a colour image (refused by the input gate) and, with a model that carries the gate's
+    calibration, a plot (referred): each card says "No verdict" and the record's sentence, shows the scan
+    without heat, and names none of the model's labels."""
+    from selenium.webdriver.common.by import By
+    from test_serve import no_verdict_images
+
+    paths = []
+    for name, (data, _) in no_verdict_images().items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    with running_server("--threads", "1", cwd=tmp_path) as server:
+        if request(server, "GET", "/api/models").json()["loaded"]["gate"]:
+            # a model with a gate calibration also refers what is not like its training scans: a plot
+            paths.append(Path(__file__).resolve().parent.parent / "docs" / "latency.png")
+        browser.get(server.url)
+        wait_for(browser, lambda d: d.find_element(By.ID, "gate").text, "the page never said what its gate does")
+        browser.find_element(By.ID, "files").send_keys("\n".join(map(str, paths)))
+        done = wait_for(browser, lambda d: finished(d, len(paths)), "no answer for the turned-away images")
+        for card in done:
+            assert "no-verdict" in card.get_attribute("class").split(), card.text
+            assert card.find_element(By.CSS_SELECTOR, ".verdict").text == "No verdict"
+            assert card.find_element(By.CSS_SELECTOR, ".message").text.endswith("no verdict")
+            assert not card.find_elements(By.CSS_SELECTOR, ".topk, .confidence")
+            assert not any(word in card.text for word in WORDS.values()), card.text
+            image = card.find_element(By.CSS_SELECTOR, "img.overlay")
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 100
+        png = phone_screenshot(browser)
+    (tmp_path / "no-verdict.png").write_bytes(png)

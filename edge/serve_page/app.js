@@ -98,6 +98,10 @@
       const loaded = models.loaded;
       $("model").textContent = "Model " + loaded.name + ": " + loaded.labels.map(words).join(", ") +
         (loaded.has_heatmap ? "; shows where it looked." : ".");
+      $("gate").textContent = loaded.gate
+        ? "Scans unlike the ones it was trained on are referred, with no verdict."
+        : "This model cannot tell other images from brain MRI: it only turns away files that cannot be a " +
+          "brain slice (blank, colour, no head); anything else gets a verdict.";
     } catch (err) {
       $("model").textContent = "The device does not answer; is it on, and is this its address?";
     }

@@ -69,6 +69,7 @@ setup(
             "edge-evaluate=convert.evaluate_cli:main",
             "edge-dedup=convert.dedup_cli:main",
             "edge-bench=benchmarks.cli:main",
+            "edge-gate=convert.gate_cli:main",
         ]
     },
 )

@@ -14,8 +14,11 @@ PROG = "edge-convert"
 EXIT_OK, EXIT_CONVERSION, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
 HELP = """Convert MODEL (.keras, legacy .h5 or a SavedModel folder) into one .tflite file the edge runtime
-runs: uint8 pixels in, int8 arithmetic, and two outputs, `probabilities` and a Grad-CAM `heatmap` of the
-predicted class computed inside the same graph (only TFLite builtin ops).
+runs: uint8 pixels in, int8 arithmetic, and three outputs, `probabilities`, a Grad-CAM `heatmap` of the
+predicted class computed inside the same graph (only TFLite builtin ops), and the `features` the device's
+input gate scores. The gate is calibrated on the calibration folder (and --gate-data) and embedded, so
+the device refers scans unlike the training data; it needs at least 500 scans, else the model is written
+without one (edge-gate calibrate can add it later).
 
 \b
 The input normalisation is folded into the graph, so the device feeds the uint8 image that
@@ -136,12 +139,16 @@ def _summary(result) -> list[str]:
               help="Largest file size the repair may reach, as a multiple of the all-int8 file.")
 @click.option("--latency-budget", default=1.3, show_default=True, type=click.FloatRange(1),
               help="Largest invoke time the repair may reach, as a multiple of the all-int8 file's.")
+@click.option("--gate-data", "gate_data", multiple=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
+              help="More training scans for the input gate besides the calibration folder, e.g. a second "
+                   "source's healthy scans (repeatable; see edge-gate calibrate --help).")
 @click.option("--name", help="Model name in the metadata (default: carried, else the file stem).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
          pipeline: str | None, input_size: int | None, target_layer: str | None, num_calibration: int,
          also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
-         agreement: float, size_budget: float, latency_budget: float, name: str | None, as_json: bool) -> None:
+         agreement: float, size_budget: float, latency_budget: float, gate_data: tuple[Path, ...], name: str | None,
+         as_json: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         require_extra(["tensorflow", "keras"], "convert", "edge-convert")
@@ -179,7 +186,7 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
                                num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
                                heldout_dir=heldout_dir, name=name, pipeline=pipeline, gradcam=gradcam, equalise=equalise,
                                agreement=agreement, size_budget=size_budget, latency_budget=latency_budget,
-                               progress=not as_json, log=say)
+                               progress=not as_json, gate_data=gate_data, log=say)
     except OSError as exc:
         _fail(str(exc), EXIT_INPUT, as_json)
     except ValueError as exc:

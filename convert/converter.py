@@ -330,6 +330,8 @@ def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, sour
     if split is not None:
         outputs[gradcam_head.HEATMAP] = {"name": gradcam_head.HEATMAP, "shape": [1, s, s], "class": "predicted",
                                          "range": [0, 1]}
+        outputs[gradcam_head.FEATURES] = {"name": gradcam_head.FEATURES, "shape": [1, split.feature_shape[2]],
+                                          "layer": f"{split.target_layer} (spatial mean)"}
     return {
         "schema": SCHEMA_VERSION,
         "name": settings.name,
@@ -391,7 +393,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   pipeline: str | None = None, seed: int = 0, float_ops: Sequence[str] = (),
                   float_layers: Sequence[str] = (), equalise: bool = True, agreement: float = repair.TARGET,
                   size_budget: float = repair.SIZE_BUDGET, latency_budget: float = repair.LATENCY_BUDGET,
-                  progress: bool = False,
+                  progress: bool = False, gate_data: Sequence[str | Path] = (),
                   log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
@@ -407,6 +409,10 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     int8 rounds less where channel ranges differ widely; it does nothing to a model without
     ``SeparableConv2D`` layers. The choices
     are recorded in the metadata's converter settings.
+
+    The input gate (`edge.gate`) is calibrated on the calibration folder and the ``gate_data`` folders
+    (e.g. a second source's healthy scans) by `convert.gate_calibration` and embedded; with too few scans
+    the model is written without a gate, and ``log`` says so.
 
     Then the int8 file is checked against the Keras model on held-out images (`convert.agreement`):
     below ``agreement`` top-1 agreement, the fewest ops the quantization debugger ranks worst are kept in
@@ -490,6 +496,11 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
         fp32_out = out.with_name(out.stem + "_fp32.tflite")
         fp32_meta = dict(metadata, converter=dict(metadata["converter"], quantization="float32"))
         fp32_out.write_bytes(embed_metadata(fp32, fp32_meta))
+    if split is not None:
+        from convert.gate_retrofit import add_gate
+
+        if add_gate(out, [calibration_dir, *map(Path, gate_data)], say=say) is not None:
+            metadata = read_spec(out.read_bytes()).metadata
     result = ConversionResult(out=out, metadata=metadata, ops=ops, float_ops=float_counts, calibration=summary,
                               settings=settings, fp32_out=fp32_out,
                               target_layer=split.target_layer if split else None,

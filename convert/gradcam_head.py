@@ -30,6 +30,9 @@ from convert import normalisation
 
 PROBABILITIES = "probabilities"
 HEATMAP = "heatmap"
+#: The Grad-CAM feature map averaged over its positions (for GAP heads, the logit layer's input): what the
+#: device's input gate scores (`edge.gate`).
+FEATURES = "features"
 INPUT_NAME = "image"
 #: Name scope of the Grad-CAM combination (weighted channel sum, ReLU, upsampling, division by the peak).
 #: The converter keeps these ops in float: they cost about h*w*k + S*S operations, while in int8 a
@@ -428,7 +431,8 @@ def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: i
     """A ``tf.Module`` whose ``serve(image)`` maps uint8 ``[1, S, S, C]`` pixels to the contract's outputs.
 
     With ``gradcam=False`` the same input pipeline feeds the unmodified Keras model and only
-    ``probabilities`` is returned: the baseline that measures what the Grad-CAM head costs.
+    ``probabilities`` is returned: the baseline that measures what the Grad-CAM head costs. Otherwise
+    ``features`` (the feature map's spatial mean, for the input gate) is returned too.
     """
     split = split_model(model, target_layer) if gradcam else None
     if split is not None and -1 in split.feature_shape:  # a model that accepts any input size
@@ -445,8 +449,9 @@ def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: i
         if split is None:
             y = model(x, training=False)
             return {PROBABILITIES: tf.nn.softmax(y, axis=-1) if outputs_logits else y}
-        probabilities, heatmap = gradcam_graph(split, split.features(x), input_size)
-        return {PROBABILITIES: probabilities, HEATMAP: heatmap}
+        fmap = split.features(x)
+        probabilities, heatmap = gradcam_graph(split, fmap, input_size)
+        return {PROBABILITIES: probabilities, HEATMAP: heatmap, FEATURES: tf.reduce_mean(fmap, axis=[1, 2])}
 
     spec = tf.TensorSpec([1, input_size, input_size, channels], tf.uint8, name=INPUT_NAME)
     module.serve = tf.function(serve, input_signature=[spec], autograph=False)

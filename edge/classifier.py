@@ -2,7 +2,9 @@
 
 The model file carries everything needed to use it (labels, input size, preprocessing pipeline, output
 names), so a :class:`Classifier` needs only a model name or path. Outputs are found by their signature names
-(``probabilities``, ``heatmap``), never by position, because converters reorder outputs freely.
+(``probabilities``, ``heatmap``, ``features``), never by position, because converters reorder outputs freely.
+The same invoke feeds the input gate (`edge.gate`): a scan that cannot be a brain-MRI slice is refused, one
+unlike the training data is referred, and neither result is a verdict (``Result.status``).
 
 A :class:`Classifier` holds one interpreter and is not thread-safe; use one per thread.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from .backend import load_interpreter
 from .decode import Source, decode_frames, describe
 from .errors import InputError, ModelError
+from .gate import OUT_OF_DISTRIBUTION, OK, OodGate, check_image, message, status_of
 from .model_file import ModelSpec, read_spec
 from .preprocess import PIPELINES, Geometry, heatmap_to_image, prepare_with_geometry
 from .registry import resolve
@@ -30,6 +33,13 @@ TIMING_KEYS = ("decode", "preprocess", "invoke", "postprocess", "total")
 @dataclass(frozen=True)
 class Result:
     """One classified scan (or one DICOM frame).
+
+    ``status`` is ``"ok"`` when ``label`` is a verdict; ``"refused"`` (the input cannot be a brain-MRI slice)
+    or ``"refer"`` (unlike the scans the model was trained on) when it is not, with ``reason`` a code of
+    :data:`edge.gate.REASONS` and :attr:`message` its sentence. ``label``, ``confidence``, ``probabilities``
+    and ``heatmap`` are then the network's raw output, kept for audit and research, never to be shown as a
+    finding. ``ood_score`` is the gate's distance over its threshold (above 1: referred), None for a model
+    without a gate. ``features`` are the network's penultimate features the score was computed from.
 
     ``heatmap`` is the model's Grad-CAM of the predicted class in model space (float32 [S, S], 0..1), or
     None for a model without a heatmap output; :meth:`heatmap_on_image` maps it onto ``image``, the decoded
@@ -49,6 +59,15 @@ class Result:
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     geometry: Geometry | None = field(default=None, repr=False, compare=False)
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    status: str = OK
+    reason: str | None = None
+    ood_score: float | None = None
+
+    @property
+    def message(self) -> str | None:
+        """The plain sentence for :attr:`reason` ("...: referred, no verdict"), None for a verdict."""
+        return message(self.reason)
 
     def top_k(self, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most probable labels, best first (ties keep label order)."""
@@ -62,19 +81,24 @@ class Result:
         return heatmap_to_image(self.heatmap, self.geometry)
 
     def to_dict(self, top_k: int = 3) -> dict[str, Any]:
-        """A JSON-ready summary (no arrays): what a log line or an API response needs."""
+        """A JSON-ready summary (no arrays): what a log line or an API response needs. Without a verdict
+        (status refer or refused) there is no label, confidence, probability or heatmap in it."""
         out: dict[str, Any] = {"source": self.source}
         if self.frame:
             out["frame"] = self.frame
+        verdict = self.status == OK
         out.update({
-            "label": self.label,
-            "confidence": round(self.confidence, 6),
-            "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k(top_k)],
-            "probabilities": {label: round(p, 6) for label, p in self.probabilities.items()},
+            "label": self.label if verdict else None,
+            "confidence": round(self.confidence, 6) if verdict else None,
+            "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k(top_k)] if verdict else [],
+            "probabilities": {label: round(p, 6) for label, p in self.probabilities.items()} if verdict else None,
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+            "reason": self.reason,
+            "message": self.message,
             "timings_ms": {key: round(value, 3) for key, value in self.timings.items()},
             "model": {"name": self.model, "sha256": self.model_sha256},
             "backend": {"name": self.backend, "version": self.backend_version},
-            "has_heatmap": self.heatmap is not None,
+            "has_heatmap": verdict and self.heatmap is not None,
         })
         return out
 
@@ -102,6 +126,10 @@ class Classifier:
             _check_spec(self.spec)
             self._interpreter, self.backend = load_interpreter(data, threads, backend)
             self._bind()
+            self.gate = OodGate.from_metadata(self.spec.metadata) if "features" in self._outputs else None
+            if self.gate is not None and self.gate.width != self._features_width:
+                raise ModelError(f"the gate expects {self.gate.width} features, the model outputs "
+                                 f"{self._features_width}")
         except ModelError as exc:
             raise ModelError(f"{self.path}: {exc}") from None
         self.threads = threads
@@ -132,23 +160,26 @@ class Classifier:
         """Classify an already-prepared model input, uint8 [S, S, C] as :func:`edge.preprocess.prepare` returns it.
 
         For callers that alter what the model sees (deletion/insertion tests of the heatmap, occlusion)
-        and so must skip decoding and preprocessing. The result carries no image or geometry.
+        and so must skip decoding and preprocessing. The result carries no image or geometry, and only the
+        feature score of the gate applies (the image checks need the decoded scan).
         """
         pixels = np.asarray(pixels)
         expected = (self.spec.input_size, self.spec.input_size, self.spec.channels)
         if pixels.dtype != np.uint8 or pixels.shape != expected:
             raise InputError(f"a prepared model input must be uint8 {list(expected)}, got "
                              f"{pixels.dtype.name} {list(pixels.shape)}")
-        return self._run(pixels, perf_counter(), 0.0, "<model input>", "", None, None)
+        return self._run(pixels, perf_counter(), 0.0, "<model input>", "", None, None, None)
 
     def _classify_image(self, image: np.ndarray, source: str, suffix: str, decode_ms: float) -> Result:
         t0 = perf_counter()
         spec = self.spec
+        refusal = check_image(image)
         pixels, geometry = prepare_with_geometry(image, spec.input_size, spec.channels, spec.pipeline)
-        return self._run(pixels, t0, decode_ms, source, suffix, image, geometry)
+        return self._run(pixels, t0, decode_ms, source, suffix, image, geometry, refusal)
 
     def _run(self, pixels: np.ndarray, t0: float, decode_ms: float, source: str, suffix: str,
-             image: np.ndarray | None, geometry: Geometry | None) -> Result:
+             image: np.ndarray | None, geometry: Geometry | None, refusal: str | None) -> Result:
+        """Invoke once and decide the status: a refusal of the image checks first, then the feature score."""
         tensor = self._quantize(pixels[None])
         t1 = perf_counter()
         raw = self._invoke(tensor)
@@ -158,6 +189,12 @@ class Classifier:
         if "heatmap" in raw:
             heatmap = _dequantize(raw["heatmap"], self._outputs["heatmap"]).reshape(self._heatmap_shape)
             heatmap = heatmap.astype(np.float32, copy=False)
+        features = ood_score = None
+        if "features" in raw:
+            features = _features(raw["features"], self._outputs["features"])
+            if self.gate is not None:
+                ood_score = self.gate.score(features)
+        reason = refusal or (OUT_OF_DISTRIBUTION if ood_score is not None and ood_score > 1.0 else None)
         best = int(np.argmax(probs))
         t3 = perf_counter()
         timings = {
@@ -181,6 +218,10 @@ class Classifier:
             heatmap=heatmap,
             image=image,
             geometry=geometry,
+            features=features,
+            status=status_of(reason),
+            reason=reason,
+            ood_score=ood_score,
         )
 
     def _bind(self) -> None:
@@ -213,6 +254,13 @@ class Classifier:
         if int(np.prod(outputs[prob_name]["shape"])) != len(self.spec.labels):
             raise ModelError(f"{prob_name!r} has shape {list(outputs[prob_name]['shape'])} "
                              f"but the metadata lists {len(self.spec.labels)} labels")
+        feat_name = names.get("features", "features")
+        if feat_name in outputs:
+            self._outputs["features"] = outputs[feat_name]
+            shape = [int(d) for d in outputs[feat_name]["shape"]]
+            if len(shape) not in (2, 4) or shape[0] != 1:
+                raise ModelError(f"{feat_name!r} has shape {shape}, expected [1, D] or a [1, h, w, D] map")
+            self._features_width = shape[-1]
         heat_name = names.get("heatmap", "heatmap")
         self._heatmap = outputs.get(heat_name)
         if self._heatmap is not None:
@@ -263,6 +311,17 @@ class Classifier:
         info = np.iinfo(dtype)
         q = np.round(pixels.astype(np.float32) / np.float32(scale)) + zero_point
         return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def _features(value: np.ndarray, details: dict[str, Any]) -> np.ndarray:
+    """The features output as one float32 vector [D]: a [1, h, w, D] feature map is averaged over its positions
+    (a GAP) before it is dequantized, which is affine and so commutes with the mean (one multiply per channel,
+    not one per value)."""
+    pooled = value.mean(axis=(1, 2), dtype=np.float32) if value.ndim == 4 else value.astype(np.float32)
+    scale, zero_point = details["quantization"]
+    if np.issubdtype(value.dtype, np.integer) and scale:
+        pooled = (pooled - zero_point) * np.float32(scale)
+    return pooled.reshape(-1)
 
 
 def _dequantize(value: np.ndarray, details: dict[str, Any]) -> np.ndarray:

@@ -26,7 +26,7 @@ from .errors import BackendError, EdgeError, InputError, ModelError, one_line
 from .records import error_record, ok_record
 
 PROG = "edge-classify"
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NO_VERDICT = 0, 1, 2, 3
 #: A batch longer than this gets a progress bar (when stderr is a terminal and stdout is not).
 PROGRESS_MIN_ITEMS = 10
 OVERLAY_SUFFIX = ".heatmap.png"
@@ -37,11 +37,19 @@ PATH may be image files (JPEG, PNG, BMP, TIFF, DICOM), directories (searched rec
 our own *{OVERLAY_SUFFIX} overlays are skipped) or glob patterns ('scans/**/*.png'). Each scan prints one
 line: path, label, confidence and time. Errors print one line each on stderr, and the batch goes on.
 
+Before any verdict the input gate checks each scan. One that cannot be a brain-MRI slice (blank, almost
+no contrast, far too elongated, colour, no head) is REFUSED; one whose network features are unlike the
+training scans' (a photo, a plot, a CT, a text page) is REFERRED to a person. Neither gets a label: the
+line says why ("Not like the brain MRI this model was trained on: referred, no verdict"), and so does
+its overlay.
+
 With --json every scan, watched file or camera frame is one JSON record per line, the same shape in
-every mode (schema edge-classify/1, docs/RECORDS.md): schema, status ('ok' or 'error'), source, frame
-(multi-frame DICOM only), time; then label, confidence, top_k, probabilities, timings_ms, model, backend,
-has_heatmap, overlay (null without --heatmap) and sop_instance_uid (with --keep-uids); or error. --watch
-writes the same records to its --out file, with each file's size and mtime_ns.
+every mode (schema edge-classify/2, docs/RECORDS.md): schema, status ('ok', 'refer', 'refused' or
+'error'), source, frame (multi-frame DICOM only), time; then label, confidence, top_k, probabilities
+(null or empty without status ok), ood_score (above 1 is referred), reason and message (why there is no
+verdict), timings_ms, model, backend, has_heatmap, overlay (null without --heatmap) and sop_instance_uid
+(with --keep-uids); or error. --watch writes the same records to its --out file, with each file's size
+and mtime_ns.
 
 \b
 Examples:
@@ -55,9 +63,10 @@ Examples:
 
 \b
 Exit codes:
-  0  every input was classified
+  0  every input was classified and got a verdict
   1  some inputs failed (each reported on stderr; all others were classified)
   2  usage error, or the model or backend could not be loaded
+  3  none failed, but some were refused or referred by the input gate (no verdict for them)
   141  the reader of stdout went away (| head -1), as for any other command cut off by a pipe
 """
 
@@ -200,9 +209,12 @@ class OverlayNames:
 
 
 def format_line(record: dict[str, Any], top_k: int = 1) -> str:
-    """The human line for one result record: ``scan.png  glioma  97.1%  12.3 ms`` (+ ``top_k - 1`` runners-up)."""
+    """The human line for one result record: ``scan.png  glioma  97.1%  12.3 ms`` (+ ``top_k - 1`` runners-up),
+    or without a verdict ``photo.jpg  REFER  Not like the brain MRI ...: referred, no verdict  12.3 ms``."""
     source = one_line(f"{record.get('source', '?')}{record.get('frame', '')}")  # a newline in a name stays in
     total = record.get("timings_ms", {}).get("total", 0.0)
+    if record.get("status", "ok") != "ok":
+        return f"{source}  {str(record['status']).upper()}  {record.get('message')}  {total:.1f} ms"
     line = f"{source}  {record.get('label')}  {100.0 * record.get('confidence', 0.0):.1f}%  {total:.1f} ms"
     others = record.get("top_k", [])[1:top_k]
     if others:
@@ -215,17 +227,24 @@ class Emitter:
 
     Text: a result is one line on stdout. JSON: every record, errors included, is one line on stdout.
     Either way an error is also one line on stderr, so a person watching the terminal or a log sees it.
-    ``failures`` counts errors for the exit code.
+    ``failures`` counts errors and ``no_verdict`` refused or referred scans, for the exit code.
     """
 
     def __init__(self, as_json: bool, top_k: int = 1):
         self.as_json = as_json
         self.top_k = top_k
         self.failures = 0
+        self.no_verdict = 0
+
+    @property
+    def exit_code(self) -> int:
+        """1 when an input failed, else 3 when one got no verdict, else 0 (as --help documents)."""
+        return EXIT_SOME_FAILED if self.failures else EXIT_NO_VERDICT if self.no_verdict else EXIT_OK
 
     def __call__(self, record: dict[str, Any]) -> None:
         failed = record.get("status") == "error"
         self.failures += failed
+        self.no_verdict += record.get("status") in ("refer", "refused")
         if self.as_json:
             click.echo(json.dumps(record, ensure_ascii=False))
         if failed:
@@ -299,13 +318,13 @@ def main(ctx: click.Context, paths: tuple[str, ...], model: str | None, backend:
 
             run_camera(classifier, interval=interval, count=count, preview=preview, heatmap_dir=heatmap_dir,
                        emit=emit, top_k=top_k)
-            return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+            return emit.exit_code
         if watch_dir is not None:
             from .watch import watch
 
             watch(classifier, watch_dir, out_path or Path("results.jsonl"), once=once, settle_seconds=settle,
                   top_k=top_k, emit=emit)
-            return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+            return emit.exit_code
         items = expand(paths)
         _note_dicom_only(items, [_option(ctx, name) for name in _PATHS_ONLY if _given(ctx, name)])
         return _classify_paths(classifier, items, as_json=as_json, top_k=top_k, heatmap_dir=heatmap_dir,
@@ -406,7 +425,7 @@ def _classify_paths(classifier: Any, items: list[Item], *, as_json: bool, top_k:
                    keep_uids=keep_uids and as_json, emit=emit)
     finally:
         _bar_shown = False
-    return EXIT_SOME_FAILED if emit.failures else EXIT_OK
+    return emit.exit_code
 
 
 def _run_items(classifier: Any, progress: Any, *, top_k: int, names: OverlayNames | None, frame: int | None,

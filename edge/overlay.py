@@ -1,5 +1,6 @@
 """Heatmap overlay PNGs a clinician can read: the scan in grayscale, the Grad-CAM in colour over the head
-only, the verdict, "Decision support, not a diagnosis", and a colour scale.
+only, the verdict, "Decision support, not a diagnosis", and a colour scale; or, for a scan the input gate
+refused or referred (`edge.gate`), the scan alone and why there is no verdict.
 
 Drawn with numpy and Pillow only, because matplotlib is a large install that a device does not need for one
 colormap. The colormap is inferno (perceptually uniform and readable in grayscale print), stored as 17
@@ -63,8 +64,8 @@ MAX_SIDE = 1024
 SCALE_GREY = 128
 #: The caption's fixed second line.
 DISCLAIMER = "Decision support, not a diagnosis"
-#: Record statuses (docs/RECORDS.md) in plain words, for an overlay of a result that is not plainly "ok".
-STATUS_WORDS = {"refer": "REFER: unlike the scans the model was trained on"}
+#: First caption line of a scan the input gate refused or referred (`edge.gate`): no label is drawn.
+NO_VERDICT = "No verdict"
 
 _WHITE, _NOTE, _WARN = (255, 255, 255), (200, 200, 200), (255, 170, 60)
 #: A caption line: its text and its RGB colour.
@@ -309,12 +310,16 @@ def _fitting_font(text: str, size: int, room: int) -> ImageFont.ImageFont | Imag
     return font
 
 
-def caption_lines(label: str, confidence: float, model: str, has_heatmap: bool, status: str = "ok") -> list[Line]:
-    """The caption as (text, colour) lines: the verdict and which model said so, the disclaimer, a status
-    other than ok in plain words (amber, so it is not missed), and a note when there is no heatmap."""
-    lines = [(f"{label}  {confidence * 100:.1f}%  -  {model}", _WHITE), (DISCLAIMER, _NOTE)]
+def caption_lines(label: str, confidence: float, model: str, has_heatmap: bool, status: str = "ok",
+                  message: str | None = None) -> list[Line]:
+    """The caption as (text, colour) lines. A verdict: the label, its confidence and which model said so,
+    the disclaimer, and a note when there is no heatmap. A scan without one (status ``refer`` or
+    ``refused``): "No verdict" and the model, then ``message``, the gate's plain sentence, both in amber so
+    they are not missed, then the disclaimer; the label is never drawn."""
     if status != "ok":
-        lines.append((STATUS_WORDS.get(status, f"Status: {status.replace('_', ' ')}"), _WARN))
+        words = message or f"Status: {status.replace('_', ' ')}: no verdict"
+        return [(f"{NO_VERDICT}  -  {model}", _WARN), (words, _WARN), (DISCLAIMER, _NOTE)]
+    lines = [(f"{label}  {confidence * 100:.1f}%  -  {model}", _WHITE), (DISCLAIMER, _NOTE)]
     if not has_heatmap:
         lines.append(("This model shows no heatmap", _NOTE))
     return lines
@@ -346,23 +351,25 @@ def render(gray: np.ndarray, is_uint8: bool, heat: np.ndarray | None, lines: Seq
     return canvas
 
 
-def overlay_image(result: Result, status: str = "ok") -> Image.Image:
+def overlay_image(result: Result, status: str | None = None) -> Image.Image:
     """The overlay of a :class:`edge.classifier.Result` as a PIL image (at most ``MAX_SIDE`` px of scan).
 
-    ``status`` is the record's status (docs/RECORDS.md); anything but "ok" is spelled out on the overlay.
+    ``status`` is the record's status (docs/RECORDS.md), by default the result's own. A scan without a
+    verdict (``refer``, ``refused``) is drawn without heat and with the reason in words instead of a label.
     """
+    status = result.status if status is None else status
     if result.image is None:
         raise ValueError("the result carries no decoded image to draw on")
     shape = display_size(np.shape(result.image)[:2])
     gray = reduced_gray(result.image, shape)
     heat = None
-    if result.heatmap is not None and result.geometry is not None:
+    if status == "ok" and result.heatmap is not None and result.geometry is not None:
         heat = heat_on_grid(result.heatmap, result.geometry, shape)
-    lines = caption_lines(result.label, result.confidence, result.model, heat is not None, status)
+    lines = caption_lines(result.label, result.confidence, result.model, heat is not None, status, result.message)
     return render(gray, np.asarray(result.image).dtype == np.uint8, heat, lines)
 
 
-def save_overlay(result: Result, path: str | Path, status: str = "ok") -> Path:
+def save_overlay(result: Result, path: str | Path, status: str | None = None) -> Path:
     """Write the overlay PNG of a :class:`edge.classifier.Result` to ``path`` and return the path."""
     path = Path(path)
     overlay_image(result, status).save(path, format="PNG", compress_level=PNG_LEVEL)

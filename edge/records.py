@@ -1,8 +1,9 @@
 """The one record shape every `edge-classify` mode emits: file batches, the watch folder and the camera.
 
 A downstream consumer (a PACS bridge, a dashboard, a spreadsheet) reads the same keys whichever mode
-wrote the line, and can tell an error from a result, and this version of the shape from a later one, by
-two fields. The shape is documented in docs/RECORDS.md; a change to a key is a new :data:`SCHEMA`.
+wrote the line, and can tell a verdict from a scan the input gate refused or referred, or from an error,
+and this version of the shape from a later one, by two fields. The shape is documented in docs/RECORDS.md;
+a change to a key is a new :data:`SCHEMA`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from .errors import one_line
 
-SCHEMA = "edge-classify/1"
+SCHEMA = "edge-classify/2"
 
 
 def utc_now() -> str:
@@ -21,10 +22,11 @@ def utc_now() -> str:
 
 def ok_record(result: Any, *, top_k: int = 1, source: str | None = None, overlay: str | None = None,
               time: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A result (:class:`edge.classifier.Result`) as a record; ``extra`` holds mode-specific keys
-    (watch: ``size``, ``mtime_ns``; ``--keep-uids``: ``sop_instance_uid``)."""
+    """A result (:class:`edge.classifier.Result`) as a record, its status ``ok``, ``refer`` or ``refused``
+    (the result's: only ``ok`` carries a label); ``extra`` holds mode-specific keys (watch: ``size``,
+    ``mtime_ns``; ``--keep-uids``: ``sop_instance_uid``)."""
     summary = result.to_dict(top_k)
-    record = _head("ok", source if source is not None else summary.pop("source"), summary.pop("frame", ""),
+    record = _head(result.status, source if source is not None else summary.pop("source"), summary.pop("frame", ""),
                    time, extra)
     summary.pop("source", None)
     record.update(summary)

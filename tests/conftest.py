@@ -23,11 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 #: the web server and its page).
 #: Nothing here trains or converts a real network; TensorFlow only builds the session's tiny test models.
 DEVICE_MODULES = {"test_bad_inputs", "test_bench", "test_camera", "test_cli_classify", "test_cli_conventions",
-                  "test_cli_edge_cases", "test_dicom", "test_edge_api", "test_mask_geometry", "test_model_integrity",
+                  "test_cli_edge_cases", "test_dicom", "test_edge_api", "test_gate", "test_mask_geometry",
+                  "test_model_integrity",
                   "test_overlay", "test_readme", "test_records", "test_runtime_only", "test_serve",
                   "test_serve_browser", "test_stderr", "test_watch"}
 #: `-m slow`: TensorFlow training or conversion of real networks (a minute or more each on 2 busy cores).
-SLOW_MODULES = {"test_train", "test_gradcam_head", "test_equalise", "test_convert_cli", "test_quant_repair"}
+SLOW_MODULES = {"test_train", "test_gradcam_head", "test_equalise", "test_convert_cli", "test_quant_repair",
+                "test_gate_calibration"}
 SLOW_TESTS = {"test_bench.py::test_run_with_keras_reference",
               "test_bench.py::test_keras_predict_style_agrees_with_compiled",
               "test_bench.py::test_keras_reference_matches_model_and_analytic_gradcam"}

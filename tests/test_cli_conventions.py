@@ -19,6 +19,7 @@ CLIS = {
     "edge-dedup": ("convert.dedup_cli", [".", "."]),
     "edge-evaluate": ("convert.evaluate_cli", ["m.tflite", "."]),
     "edge-bench": ("benchmarks.cli", ["run"]),
+    "edge-gate": ("convert.gate_cli", ["calibrate", "m.tflite", "--data", ".", "--out", "o.tflite"]),
 }
 
 
@@ -58,6 +59,8 @@ def test_an_unknown_option_is_one_error_line_exit_2(prog: str):
     ("edge-bench", ["run", "--out", ""], "--out"),
     ("edge-serve", ["--keep", ""], "--keep"),
     ("edge-serve", ["--model", ""], "--model"),
+    ("edge-gate", ["calibrate", "", "--data", ".", "--out", "o.tflite"], "NAME|PATH"),
+    ("edge-gate", ["calibrate", "m.tflite", "--data", ".", "--out", ""], "--out"),
 ])
 def test_an_empty_path_is_a_usage_error(prog: str, args: list[str], option: str):
     result = invoke(prog, *args)

@@ -46,7 +46,7 @@ def test_dicom_only_options_on_dicom_files_give_no_notice(cli, bundled_model: Pa
     scan = Path(shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr"))  # DICOM by content alone
     assert pydicom.dcmread(scan).Modality == "MR"
     result = cli("--model", bundled_model, scan, "--window", "600,1200")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 3, result.stderr  # MR_small is an MR but no brain slice: referred (input gate)
     assert errors_and_notices(result.stderr) == []
 
 

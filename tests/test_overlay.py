@@ -115,17 +115,19 @@ def test_api_overlay_spells_out_a_status_and_stays_bounded(bundled_model: Path, 
     r = clf.classify(sample_scans[0])
     out = ov.save_overlay(r, tmp_path / "refer.png", status="refer")
     picture = np.asarray(Image.open(out))
-    lay = ov.layout((448, 448), 3, True)
-    assert picture.shape == (lay.size[1], lay.size[0], 3)
-    check_scale(picture, lay)
-    check_caption(picture, lay)
-    status = picture[lay.lines[2][1]:lay.lines[2][3]].astype(int)
-    amber = (status[..., 0] > 180) & (status[..., 0] - status[..., 2] > 80)
+    lay = ov.layout((448, 448), 3, False)
+    assert picture.shape == (lay.size[1], lay.size[0], 3), "no colour scale without a verdict"
+    check_caption(picture, lay, disclaimer_row=2)
+    first = picture[lay.lines[0][1]:lay.lines[0][3]].astype(int)
+    amber = (first[..., 0] > 180) & (first[..., 0] - first[..., 2] > 80)
     cols = np.flatnonzero(amber.any(axis=0))
-    assert abs(cols[-1] - cols[0] + 1 - ink_width(ov.STATUS_WORDS["refer"], lay.font, (255, 170, 60))) <= 2, \
-        "the status in plain words, in amber"
+    words = f"{ov.NO_VERDICT}  -  {r.model}"
+    assert abs(cols[-1] - cols[0] + 1 - ink_width(words, round(lay.font * 1.2), (255, 170, 60))) <= 2, \
+        "'No verdict' instead of a label, in amber"
+    scan = picture[:448].astype(int)
+    assert (np.abs(scan[..., 0] - scan[..., 2]) < 3).all(), "no heat drawn without a verdict"
     plain = np.asarray(ov.overlay_image(r))
-    assert plain.shape[0] < picture.shape[0] and np.array_equal(plain[:448], picture[:448])
+    assert r.status == "ok" and not np.array_equal(plain[:448], picture[:448]), "the verdict's overlay has heat"
 
     # A big scan is drawn at MAX_SIDE on its longer side; a small one is enlarged to MIN_WIDTH.
     big = np.asarray(Image.open(sample_scans[0]).convert("L").resize((1500, 3000), Image.BILINEAR))

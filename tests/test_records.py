@@ -13,16 +13,25 @@ from edge.records import SCHEMA
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "RECORDS.md"
 OPTIONAL = {"frame", "sop_instance_uid", "retry"}  # documented as present only in some cases
+NO_VERDICT = ("refer", "refused")
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 def documented() -> dict[str, set[str]]:
-    """`in` column -> keys, from the table rows of docs/RECORDS.md (`| `a`, `b` | ok | ... |`)."""
+    """Status or mode -> keys, from the key table of docs/RECORDS.md (`| `a`, `b` | ok, refer | ... |`).
+
+    A key whose `in` cell carries a qualifier after ';' (`ok; edge-serve only`) is listed under ``"other"``:
+    documented, but not in every record of those statuses. The table of reason codes that follows is not keys.
+    """
     keys: dict[str, set[str]] = {}
-    for line in DOC.read_text(encoding="utf-8").splitlines():
+    text = DOC.read_text(encoding="utf-8").split("Reason codes")[0]
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 3 and cells[0].startswith("`"):
-            keys.setdefault(cells[1], set()).update(re.findall(r"`([a-z_]+)`", cells[0]))
+            names = set(re.findall(r"`([a-z_]+)`", cells[0]))
+            where, qualified = cells[1].split(";")[0], ";" in cells[1]
+            for status in (w.strip() for w in where.split(",")):
+                keys.setdefault("other" if qualified else status, set()).update(names)
     return keys
 
 
@@ -31,12 +40,14 @@ def check(record: dict, mode: str) -> None:
     doc = documented()
     allowed = doc["all"] | doc[record["status"]] | (doc["watch"] if mode == "watch" else set())
     required = allowed - OPTIONAL
-    assert record["schema"] == SCHEMA == "edge-classify/1"
+    assert record["schema"] == SCHEMA == "edge-classify/2"
     assert set(record) - allowed == set(), f"undocumented keys in a {mode} record"
     assert required - set(record) == set(), f"documented keys missing from a {mode} record"
     assert TIME.match(record["time"])
     if record["status"] == "error":
         assert "\n" not in record["error"] and record["error"].startswith(record["source"])
+    if record["status"] in NO_VERDICT:
+        assert record["label"] is None and record["probabilities"] is None and record["message"]
 
 
 @pytest.fixture()
@@ -51,8 +62,10 @@ def inputs(tmp_path: Path, scan_png: Path) -> tuple[Path, Path]:
 
 def test_the_documented_table_lists_the_keys():
     doc = documented()
-    assert {"all", "ok", "error", "watch"} <= set(doc)
+    assert {"all", "ok", "refer", "refused", "error", "watch"} <= set(doc)
     assert {"schema", "status", "source", "time"} <= doc["all"] and "error" in doc["error"]
+    assert doc["ok"] == doc["refer"] == doc["refused"], "one shape with or without a verdict"
+    assert {"ood_score", "reason", "message", "label"} <= doc["ok"]
 
 
 def test_batch_json_records_results_and_errors(cli, tiny_model_path: Path, inputs, tmp_path: Path):
@@ -69,6 +82,23 @@ def test_batch_json_records_results_and_errors(cli, tiny_model_path: Path, input
     assert result.stderr.splitlines() == [f"edge-classify: error: {r['error']}" for r in records[1:]]
     plain = json.loads(cli("--model", tiny_model_path, "--json", good).stdout)
     assert plain["overlay"] is None
+
+
+def test_refused_and_referred_records_have_the_same_shape(cli, bundled_model: Path, tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    blank, board = tmp_path / "blank.png", tmp_path / "board.png"
+    Image.new("L", (128, 128), 0).save(blank)
+    yy, xx = np.mgrid[:128, :128]
+    Image.fromarray((((yy // 16 + xx // 16) % 2) * 255).astype(np.uint8)).save(board)
+    result = cli("--model", bundled_model, "--json", "--heatmap", tmp_path / "o", blank, board)
+    assert result.exit_code == 3
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["status"], r["reason"]) for r in records] == [("refused", "flat"), ("refer", "out_of_distribution")]
+    for record in records:
+        check(record, "batch")
+        assert Path(record["overlay"]).is_file() and record["has_heatmap"] is False
 
 
 def test_watch_out_and_json_are_the_same_records(cli, tiny_model_path: Path, inputs, tmp_path: Path):

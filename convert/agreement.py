@@ -87,7 +87,8 @@ def check_and_repair(model: Any, calibrated: bytes, int8: bytes, *, heldout: cal
                                           quant_debug.all_layer_names(model), float_ops)
     time_ms = _timer(heldout.images[0])
     if needs_repair:
-        outcome = repair.repair(int8, before, errors, quantize=quantize, check=check, time_ms=time_ms,
+        probe = repair.make_check(reference[:repair.PROBE_IMAGES], heldout.images[:repair.PROBE_IMAGES])
+        outcome = repair.repair(int8, before, errors, quantize=quantize, check=check, probe=probe, time_ms=time_ms,
                                 target=target, size_budget=size_budget, latency_budget=latency_budget,
                                 heldout=heldout_source, say=say)
     else:

@@ -379,7 +379,8 @@ def head_forward(split: Split, features: tf.Tensor) -> tuple[tf.Tensor, list[Bac
     shape = tuple(int(d) for d in features.shape[1:])
     for i, layer in enumerate(split.logit_layers):
         pooled = shape if i == pooled_at else None
-        x, back = _step(x, layer, logits_only=split.softmax_in_last and i == last, pooled=pooled)
+        with tf.name_scope(layer.name):  # so converted ops carry the layer's name (reports, float layers)
+            x, back = _step(x, layer, logits_only=split.softmax_in_last and i == last, pooled=pooled)
         if pooled_at is None or i >= pooled_at:
             backs.append(back)
     return x, backs

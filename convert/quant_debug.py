@@ -174,14 +174,15 @@ def op_graph(tflite_model: bytes) -> dict[str, _Op]:
 
 
 def keras_layer(tensor: str, layer_names: set[str]) -> str | None:
-    """The Keras layer a TFLite tensor came from: the last path component of its first fused name that is a
-    layer's name, possibly with the ``_N`` suffix Keras adds to repeated scopes."""
-    for part in reversed(re.split(r"[/;]", tensor.split(";")[0])):
-        if part in layer_names:
-            return part
+    """The Keras layer a TFLite tensor came from: the first path component of its first fused name that names
+    a layer, read without the ``_N`` suffix Keras adds to a layer's call scope (``add_1/Add`` is layer
+    ``add``, ``add_1_2/Add`` layer ``add_1``), else as written."""
+    for part in tensor.split(";")[0].split("/"):
         base = re.sub(r"_\d+$", "", part)
         if base in layer_names:
             return base
+        if part in layer_names:
+            return part
     return None
 
 
@@ -270,26 +271,37 @@ def _markdown(errors: Sequence[LayerError], repair: dict[str, Any] | None, model
 
 
 def repair_lines(repair: dict[str, Any]) -> list[str]:
-    """What the repair loop found and did, in words (shared by the report and the CLI summary)."""
+    """What the check found and the repair did, in words (the report's section; its first lines are the CLI's)."""
     before, after = repair["before"], repair["after"]
     lines = [f"Held-out top-1 agreement with Keras, all-int8: {before['agreement']:.2%} "
-             f"({before['disagreements']} of {before['images']} images differ; target {repair['target']:.2%}, "
-             f"held-out images from {repair['heldout']})."]
-    if not repair["steps"]:
+             f"({before['disagreements']} of {before['images']} images differ; target {repair['target']:.2%}; "
+             f"held-out images: {repair['heldout']})."]
+    if not repair["steps"] and not repair["probes"]:
         return lines + ["Target met: nothing was changed."]
     kept = repair["kept_float"]
-    if kept:
-        names = ", ".join(f"`{k['layer'] or k['tensor']}` ({k['op']})" for k in kept)
-        lines.append(f"Kept in float ({len(kept)}): {names}.")
-    else:
-        lines.append("Nothing kept in float.")
-    lines.append(f"Result: {after['agreement']:.2%} ({after['disagreements']} differ), file x{repair['size_ratio']:.3f}, "
-                 f"invoke x{repair['invoke_ratio']:.3f} of the all-int8 conversion (budgets x{repair['size_budget']} "
-                 f"and x{repair['latency_budget']}); {'target reached' if repair['reached'] else repair['reason']}.")
-    lines += ["", "| try | float ops | agreement | size | invoke |", "|---:|---:|---:|---:|---:|"]
+    names = ", ".join(f"`{k['layer'] or k['tensor']}` ({k['op']})" for k in kept)
+    plural = "s" if len(kept) != 1 else ""
+    lines.append(f"Kept in float ({len(kept)} tensor{plural} with the ops reading them): {names}." if kept else
+                 "Nothing kept in float: no try beat the all-int8 file within the budgets.")
+    lines.append(f"Result: {after['agreement']:.2%} ({after['disagreements']} differ; 95% lower bound "
+                 f"{after['lower_95']:.2%}), file x{repair['size_ratio']:.3f}, invoke x{repair['invoke_ratio']:.3f} "
+                 f"of the all-int8 conversion (budgets x{repair['size_budget']} and x{repair['latency_budget']}); "
+                 f"{repair['reason']}.")
+    lines += ["", "Each run of the graph in float alone, on the first held-out images:", "",
+              "| run | from | to | tensors | differ | mean prob. diff | size |", "|---:|---|---|---:|---:|---:|---:|"]
+    for i, p in enumerate(repair["probes"], 1):
+        c = p["check"]
+        lines.append(f"| {i} | {p['first']} | {p['last']} | {p['tensors']} | "
+                     + (f"{c['disagreements']} / {c['images']} | {c['probability_diff']:.4f}" if c else "over budget | ")
+                     + f" | x{p['size_ratio']:.3f} |")
+    lines += ["", "Tries on every held-out image:", "",
+              "| try | float tensors (ops) | agreement | 95% lower bound | size | invoke |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for i, step in enumerate(repair["steps"], 1):
-        lines.append(f"| {i} | {len(step['nodes'])} | {step['agreement']:.2%} | x{step['size_ratio']:.3f} | "
-                     f"x{step['invoke_ratio']:.3f} |")
+        c = step["check"]
+        measured = f"{c['agreement']:.2%} | {c['lower_95']:.2%}" if c else "not measured: over budget | "
+        timed = f"x{step['invoke_ratio']:.3f}" if step["invoke_ratio"] is not None else ""
+        lines.append(f"| {i} | {step['tensors']} ({step['ops']}) | {measured} | x{step['size_ratio']:.3f} | {timed} |")
     return lines
 
 

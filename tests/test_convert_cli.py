@@ -77,7 +77,7 @@ def test_converts_to_int8_with_readable_metadata(converted: dict, model_file: Pa
     assert spec.name == "tiny-cli"
     assert spec.labels == tuple(LABELS)  # from the calibration folder's class subfolders
     assert (spec.input_size, spec.channels, spec.pipeline) == (32, 1, "mri-crop-v1")
-    assert spec.output_names == {"probabilities": "probabilities", "heatmap": "heatmap"}
+    assert spec.output_names == {"probabilities": "probabilities", "heatmap": "heatmap", "features": "features"}
     meta = spec.metadata
     assert meta["gradcam"] == {"target_layer": "features", "feature_shape": [16, 16, 16], "score": "logit"}
     assert meta["outputs"]["heatmap"]["shape"] == [1, 32, 32]

@@ -145,7 +145,7 @@ def test_int8_head_runs_and_stays_faithful(convert_image_dir: Path, tmp_path: Pa
     (detail,) = interpreter.get_input_details()
     assert detail["dtype"] == np.uint8 and list(detail["shape"]) == [1, 32, 32, 3]
     outputs = interpreter.get_signature_list()["serving_default"]["outputs"]
-    assert sorted(outputs) == ["heatmap", "probabilities"]
+    assert sorted(outputs) == ["features", "heatmap", "probabilities"]  # features: for the input gate
 
     run = parity.tflite_runner(blob)
     reference = reference_gradcam.make_reference(model, preprocess=preprocess)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from convert import repair
 from edge.cli_common import MissingExtra, NonEmptyPath, OneLineCommand, error, require_extra, version_option
 
 PROG = "edge-convert"
@@ -35,11 +36,12 @@ Examples:
 
 \b
 Every conversion ends with a check: top-1 agreement of the int8 file with the Keras model on held-out
-images (--heldout DIR, default: up to 400 calibration-folder images not used for calibration; never the
-calibration images). Below --agreement (default 99.5%) it repairs the file: the ops TensorFlow's
-quantization debugger ranks worst are kept in float (builtin kernels), the fewest that reach the target,
-within --size-budget and --latency-budget (ratios over the all-int8 file; invoke time measured here, one
-thread). At or above the target nothing changes. --agreement 0 skips the check.
+images (--heldout DIR, default: up to 1,000 calibration-folder images not used for calibration; never
+the calibration images). At or above --agreement (default 99.5%) nothing changes. Below it the file is
+repaired: parts of the graph are kept in float (builtin kernels), the ones that measurably matter, as few
+as show the target with 95% confidence, within --size-budget and --latency-budget (ratios over the
+all-int8 file; invoke time measured here, one thread). --agreement 0 skips the check. Images the model
+was trained on overstate agreement on new scans: give --heldout images it has not seen where you can.
 
 \b
 --report DIR compares the int8 (and fp32) file with the Keras model on the first 200 held-out images:
@@ -122,7 +124,7 @@ def _summary(result) -> list[str]:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write a parity report (JSON, text, heatmap PNG) into this folder.")
 @click.option("--heldout", "heldout_dir", type=click.Path(path_type=Path),
-              help="Held-out images for the agreement check (up to 400) and the parity report (200) (default: "
+              help="Held-out images for the agreement check (up to 1,000) and the parity report (200) (default: "
                    "calibration-folder images not used for calibration).")
 @click.option("--heatmap/--no-heatmap", "gradcam", default=True, show_default=True,
               help="Build the in-graph Grad-CAM head. --no-heatmap writes the same model with only "
@@ -132,12 +134,13 @@ def _summary(result) -> list[str]:
               help="Rescale the channels inside depthwise-separable convolutions (Xception) before int8 "
                    "quantization: same float function, less int8 rounding where channel ranges differ widely. No "
                    "effect on models without separable convolutions; --no-equalise measures what it buys.")
-@click.option("--agreement", default=0.995, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--agreement", default=repair.TARGET, show_default=True, type=click.FloatRange(0, 1),
               help="Target top-1 agreement with the Keras model on held-out images; below it the worst ops are "
                    "kept in float. 0: no check.")
-@click.option("--size-budget", default=1.5, show_default=True, type=click.FloatRange(1),
-              help="Largest file size the repair may reach, as a multiple of the all-int8 file.")
-@click.option("--latency-budget", default=1.3, show_default=True, type=click.FloatRange(1),
+@click.option("--size-budget", default=repair.SIZE_BUDGET, show_default=True, type=click.FloatRange(1),
+              help="Largest file size the repair may reach, as a multiple of the all-int8 file (4: up to all "
+                   "float).")
+@click.option("--latency-budget", default=repair.LATENCY_BUDGET, show_default=True, type=click.FloatRange(1),
               help="Largest invoke time the repair may reach, as a multiple of the all-int8 file's.")
 @click.option("--gate-data", "gate_data", multiple=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
               help="More training scans for the input gate besides the calibration folder, e.g. a second "

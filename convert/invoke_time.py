@@ -2,8 +2,10 @@
 
 Why in-process and interleaved: the converter needs the *ratio* of two conversions of the same model
 (all-int8 and a variant with some ops kept float) quickly, on a host that is busy with other work. Timing
-both in alternating rounds shares every slow-down between them, and the median of each drops the
-outliers. The absolute figures belong to this machine; a device's are measured with ``edge-bench``.
+both in alternating rounds shares slow-downs between them; each round's median drops single outliers, and
+the fastest round of each model is its figure, the one least disturbed by other work (a busy 2-core host
+moved a median-of-all ratio by 0.2 between two runs). The absolute figures belong to this machine; a
+device's are measured with ``edge-bench``.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def _interpreter(model: bytes) -> Any:
 
 def interleaved_ms(models: dict[str, bytes], image: np.ndarray, rounds: int = ROUNDS,
                    runs: int = RUNS) -> dict[str, float]:
-    """Median invoke time (ms) of each model on ``image`` (uint8 [S, S, C]), timed in alternating rounds."""
+    """Invoke time (ms) of each model on ``image`` (uint8 [S, S, C]): the fastest of ``rounds`` alternating
+    rounds, each the median of ``runs`` invokes."""
     interpreters = {}
     for name, blob in models.items():
         interpreter = _interpreter(blob)
@@ -39,11 +42,13 @@ def interleaved_ms(models: dict[str, bytes], image: np.ndarray, rounds: int = RO
         interpreter.set_tensor(detail["index"], np.asarray(image, detail["dtype"])[None])
         interpreter.invoke()  # first inference: allocation and packing, not part of the measure
         interpreters[name] = interpreter
-    times: dict[str, list[float]] = {name: [] for name in models}
+    rounds_ms: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, interpreter in interpreters.items():
+            times = []
             for _ in range(runs):
                 start = time.perf_counter()
                 interpreter.invoke()
-                times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: float(np.median(values)) for name, values in times.items()}
+                times.append((time.perf_counter() - start) * 1000.0)
+            rounds_ms[name].append(float(np.median(times)))
+    return {name: min(values) for name, values in rounds_ms.items()}

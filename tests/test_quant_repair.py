@@ -155,7 +155,7 @@ def test_budget_stops_the_repair_and_says_so(levels_dir: Path, tmp_path: Path):
                                      out=tmp_path / "capped.tflite", preprocess="tf", num_calibration=16,
                                      size_budget=1.01, latency_budget=NO_LATENCY_LIMIT)
     record = result.repair
-    assert record["reached"] is False and "over the size budget" in record["reason"]
+    assert record["reached"] is False and "would exceed a budget" in record["reason"]
     assert "outlier" not in [k["layer"] for k in record["kept_float"]] and record["after"]["agreement"] < 0.995
     outlier_run = [p for p in record["probes"] if "outlier" in p["first"] + p["last"]]
     assert outlier_run and all(p["check"] is None and p["size_ratio"] > 1.01 for p in outlier_run)

@@ -39,7 +39,8 @@ class Result:
     :data:`edge.gate.REASONS` and :attr:`message` its sentence. ``label``, ``confidence``, ``probabilities``
     and ``heatmap`` are then the network's raw output, kept for audit and research, never to be shown as a
     finding. ``ood_score`` is the gate's distance over its threshold (above 1: referred), None for a model
-    without a gate. ``features`` are the network's penultimate features the score was computed from.
+    without a gate. ``features`` are what the score was computed from: the feature map the model's gate
+    names (custom-cnn ``b2_out``, xception ``add_3``), averaged over its positions.
 
     ``heatmap`` is the model's Grad-CAM of the predicted class in model space (float32 [S, S], 0..1), or
     None for a model without a heatmap output; :meth:`heatmap_on_image` maps it onto ``image``, the decoded

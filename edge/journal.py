@@ -83,17 +83,23 @@ class Journal:
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-        view = memoryview(line)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+            write_durably(self._fd, line)
         except OSError as exc:  # disk full, file too large, I/O error: a part line is cut on the next start
             raise OutputError(f"{self.path}: cannot write the results file ({exc.strerror or exc})") from None
         self.done.add((record["source"], record["size"], record["mtime_ns"]))
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def write_durably(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (os.write may take less than asked) and fsync it, so that what exists afterwards
+    is complete and on disk: the watch journal's lines and edge-serve's kept uploads and records."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
 
 
 def _kind(mode: int) -> str:

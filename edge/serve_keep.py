@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .journal import write_durably
 
 RESULTS = "results.jsonl"
 
@@ -56,26 +57,18 @@ class Keeper:
 def _write_new(path: Path, data: bytes) -> None:
     """Write a file that must not exist yet (the same bytes twice in one millisecond are kept once)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        _write(path, data, os.O_EXCL)
     except FileExistsError:
         return
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _append(path: Path, line: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    _write(path, line, os.O_APPEND)
+
+
+def _write(path: Path, data: bytes, flag: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, 0o640)
     try:
-        _write_all(fd, line)
-        os.fsync(fd)
+        write_durably(fd, data)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -11,6 +11,7 @@ A :class:`Classifier` holds one interpreter and is not thread-safe; use one per 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .backend import load_interpreter
-from .decode import Source, decode_frames, describe
+from .decode import Source, describe, iter_decoded
 from .errors import InputError, ModelError
 from .gate import OUT_OF_DISTRIBUTION, OK, OodGate, check_image, message, status_of
 from .model_file import ModelSpec, read_spec
@@ -151,11 +152,22 @@ class Classifier:
     def classify_frames(self, x: Source, *, frame: int | None = None,
                         window: tuple[float, float] | None = None) -> list[Result]:
         """Classify every frame of a multi-frame DICOM (``frame=None``) or one; other inputs give one result."""
-        start = perf_counter()
-        frames = decode_frames(x, frame=frame, window=window)
-        decode_ms = (perf_counter() - start) * 1000.0 / len(frames)
+        return list(self.classify_each(x, frame=frame, window=window))
+
+    def classify_each(self, x: Source, *, frame: int | None = None,
+                      window: tuple[float, float] | None = None) -> Iterator[Result]:
+        """`classify_frames` one frame at a time: each result is yielded before the next frame is decoded, so
+        a caller that lets each go holds one frame, however many the file has. A bad frame raises when it is
+        reached, after the good ones before it."""
         source = describe(x)
-        return [self._classify_image(image, source, suffix, decode_ms) for suffix, image in frames]
+        frames = iter_decoded(x, frame=frame, window=window)
+        while True:
+            start = perf_counter()
+            try:
+                suffix, image = next(frames)
+            except StopIteration:
+                return
+            yield self._classify_image(image, source, suffix, (perf_counter() - start) * 1000.0)
 
     def classify_input(self, pixels: np.ndarray) -> Result:
         """Classify an already-prepared model input, uint8 [S, S, C] as :func:`edge.preprocess.prepare` returns it.

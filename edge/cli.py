@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -435,32 +435,37 @@ def _run_items(classifier: Any, progress: Any, *, top_k: int, names: OverlayName
             if item.problem is not None:
                 emit(error_record(item.display, _name_item(item.display, item.problem)))
                 continue
-            try:
-                records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
-                                         keep_uids=keep_uids)
-            except (ModelError, BackendError):
-                raise
-            except EdgeError as exc:
-                emit(error_record(item.display, _name_item(item.display, exc)))
-                continue
-            except Exception as exc:  # never lose the rest of a batch (or print a traceback) for one scan
-                emit(error_record(item.display, _name_item(item.display, f"unexpected {type(exc).__name__}: {exc}")))
-                continue
-            for record in records:
+            # records are emitted as they come, so the frames of a multi-frame file are never all held (a
+            # frame that fails after others were emitted adds an error record for the file); emitting stays
+            # outside the handlers, so a closed stdout is not taken for a bad scan
+            records = _classify_item(classifier, item, top_k=top_k, names=names, frame=frame, window=window,
+                                     keep_uids=keep_uids)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                except (ModelError, BackendError):
+                    raise
+                except EdgeError as exc:
+                    record = error_record(item.display, _name_item(item.display, exc))
+                except Exception as exc:  # never lose the rest of a batch (or print a traceback) for one scan
+                    record = error_record(item.display,
+                                          _name_item(item.display, f"unexpected {type(exc).__name__}: {exc}"))
                 emit(record)
 
 
 def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNames | None, frame: int | None,
-                   window: tuple[float, float] | None, keep_uids: bool) -> list[dict[str, Any]]:
+                   window: tuple[float, float] | None, keep_uids: bool) -> Iterator[dict[str, Any]]:
     # The display string is the path as the user wrote it, so library messages name the item the same way.
-    results = classifier.classify_frames(item.display, frame=frame, window=window)
-    uid = None
-    if keep_uids and _is_dicom(item.path):
-        from .dicom import sop_instance_uid
+    extra: dict[str, Any] | None = None
+    for result in classifier.classify_each(item.display, frame=frame, window=window):
+        if extra is None:  # after the first frame decoded, so a broken file is reported as such
+            extra = {}
+            if keep_uids:
+                from .dicom import sop_instance_uid
 
-        uid = sop_instance_uid(item.path)
-    records = []
-    for result in results:
+                extra["sop_instance_uid"] = sop_instance_uid(item.path) if _is_dicom(item.path) else None
         overlay = None
         if names is not None:
             from .overlay import save_overlay
@@ -471,9 +476,7 @@ def _classify_item(classifier: Any, item: Item, *, top_k: int, names: OverlayNam
             except OSError as exc:
                 raise InputError(f"cannot write the overlay {target} ({exc.strerror or exc})") from None
             overlay = str(target)
-        extra = {"sop_instance_uid": uid} if keep_uids else {}
-        records.append(ok_record(result, top_k=top_k, overlay=overlay, **extra))
-    return records
+        yield ok_record(result, top_k=top_k, overlay=overlay, **extra)
 
 
 def _name_item(display: str, problem: object) -> str:

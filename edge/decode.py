@@ -20,8 +20,8 @@ from __future__ import annotations
 import io
 import os
 import stat
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -70,10 +70,17 @@ def decode(source: Source, *, frame: int = 0, window: tuple[float, float] | None
 
 def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float, float] | None = None,
                   max_pixels: int = MAX_PIXELS) -> list[tuple[str, np.ndarray]]:
+    """Every pair `iter_decoded` yields, as a list."""
+    return list(iter_decoded(source, frame=frame, window=window, max_pixels=max_pixels))
+
+
+def iter_decoded(source: Source, *, frame: int | None = 0, window: tuple[float, float] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> Iterator[tuple[str, np.ndarray]]:
     """Decode ``source`` into ``(suffix, image)`` pairs: one pair, or one per DICOM frame when ``frame`` is None.
 
     ``suffix`` is '' except for frames of a multi-frame DICOM ('[frame 3]'). ``frame`` and ``window``
-    (centre, width) only matter for DICOM; other formats have a single image and no window.
+    (centre, width) only matter for DICOM; other formats have a single image and no window. Frames come one
+    at a time (`edge.dicom.iter_frames`), so memory does not grow with a file's frame count.
     """
     name = describe(source)
     if name == "" and isinstance(source, (str, os.PathLike)):
@@ -81,21 +88,22 @@ def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float,
         raise InputError("'': empty path (no file named)")
     try:
         if isinstance(source, np.ndarray):
-            return [("", _from_ndarray(source))]
-        if isinstance(source, Image.Image):
-            return [("", _from_image(source, max_pixels, own=False))]
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            return _decode_bytes(bytes(source), frame, window, max_pixels)
-        if isinstance(source, (str, os.PathLike)):
-            return _decode_path(Path(source), frame, window, max_pixels)
+            yield "", _from_ndarray(source)
+        elif isinstance(source, Image.Image):
+            yield "", _from_image(source, max_pixels, own=False)
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            yield from _decode_bytes(bytes(source), frame, window, max_pixels)
+        elif isinstance(source, (str, os.PathLike)):
+            yield from _decode_path(Path(source), frame, window, max_pixels)
+        else:
+            raise InputError(f"cannot classify a {type(source).__name__}; give a path, bytes, PIL image or array")
     except InputError as exc:
         message = str(exc)
         raise type(exc)(message if message.startswith(name + ":") else f"{name}: {message}") from None
-    raise InputError(f"{name}: cannot classify a {type(source).__name__}; give a path, bytes, PIL image or array")
 
 
 def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | None,
-                 max_pixels: int) -> list[tuple[str, np.ndarray]]:
+                 max_pixels: int) -> Iterator[tuple[str, np.ndarray]]:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -113,8 +121,9 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
     from . import dicom
 
     if dicom.is_dicom(path):
-        frames = dicom.read_frames(path, frame, window, max_pixels)
-        return [(suffix, _check_decoded(image)) for suffix, image in frames]
+        for suffix, image in dicom.iter_frames(path, frame, window, max_pixels):
+            yield suffix, _check_decoded(image)
+        return
     try:
         fh = path.open("rb")
     except PermissionError:
@@ -123,25 +132,27 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
         raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
     with fh:
         try:
-            return [("", _open(fh, max_pixels))]
+            image = _open(fh, max_pixels)
         except OSError as exc:
             if exc.errno is not None:  # the system failed to read (a failing disk, a share gone): may pass
                 raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
             # Pillow's own OSErrors (no errno) are about the data: the file's fault
             raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
+    yield "", image
 
 
 def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | None,
-                  max_pixels: int) -> list[tuple[str, np.ndarray]]:
+                  max_pixels: int) -> Iterator[tuple[str, np.ndarray]]:
     if not data:
         raise InputError("no data (0 bytes)")
     if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
         # Read from memory (pydicom seeks in a file object as in a file): in-memory data never touches disk.
         from . import dicom
 
-        frames = dicom.read_frames(io.BytesIO(data), frame, window, max_pixels)
-        return [(suffix, _check_decoded(image)) for suffix, image in frames]
-    return [("", _open(io.BytesIO(data), max_pixels))]
+        for suffix, image in dicom.iter_frames(io.BytesIO(data), frame, window, max_pixels):
+            yield suffix, _check_decoded(image)
+        return
+    yield "", _open(io.BytesIO(data), max_pixels)
 
 
 def _open(fh: BinaryIO, max_pixels: int) -> np.ndarray:

@@ -95,10 +95,18 @@ def read_frames(
     path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None,
     max_pixels: int | None = None,
 ) -> list[tuple[str, np.ndarray]]:
+    """Every frame `iter_frames` yields, as a list: for one frame, or for callers that need them all at once."""
+    return list(iter_frames(path, frame, window, max_pixels))
+
+
+def iter_frames(
+    path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None,
+    max_pixels: int | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file, or of a seekable
     binary file object holding one (an upload kept in memory, so that nothing is written to disk).
 
-    Returns `(suffix, image)` pairs: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
+    Yields `(suffix, image)` pairs: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
     same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready.
     `window=(centre, width)` overrides the file's window (linear VOI function, in rescaled units such as
     Hounsfield units); it applies to grayscale images only.
@@ -106,28 +114,40 @@ def read_frames(
     Memory: a frame over ``max_pixels`` (default `edge.decode.MAX_PIXELS`) is refused from the header; an
     uncompressed frame is a view on the file's pixel data, not a copy; a frame over `edge.reduce.WORK_PIXELS`
     is reduced in its stored type, band by band, before it is converted to float; a compressed frame must
-    decode within `edge.decode.MAX_DECODED_BYTES`. Frames are decoded one at a time.
+    decode within `edge.decode.MAX_DECODED_BYTES`. Frames are decoded one at a time and yielded as they are,
+    so a consumer that lets each go before the next holds one frame whatever the file's frame count. An
+    error in a later frame is raised when that frame is reached, after the earlier ones were yielded.
     """
     # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
-    # the dataset, not only the read, happens with its warnings and log records silenced.
+    # the dataset, not only the read, happens with its warnings and log records silenced; never across a
+    # yield, which would silence the consumer's code too.
     with _quiet(), _no_context():
-        return _read_frames(path if hasattr(path, "read") else Path(path), frame, window, max_pixels)
+        ds, indices, single = _open_frames(path if hasattr(path, "read") else Path(path), frame, window)
+    for index in indices:
+        with _quiet(), _no_context():
+            try:
+                raw = _reduced(_decode(ds, index, max_pixels), ds)
+            except DicomError as exc:  # after frames that were fine: say which one is not
+                if index == indices[0]:
+                    raise
+                raise type(exc)(f"frame {index}: {exc}") from None
+            if len(indices) == 1 and "PixelData" in ds and raw.flags.owndata:
+                del ds.PixelData  # a copy: the file's pixel data is not needed again
+            image = _display(raw, ds, index, window)
+        del raw
+        yield ("" if single else f"[frame {index}]", image)
 
 
-def _read_frames(path: Path | BinaryIO, frame: int | None, window: tuple[float, float] | None,
-                 max_pixels: int | None) -> list[tuple[str, np.ndarray]]:
+def _open_frames(path: Path | BinaryIO, frame: int | None,
+                 window: tuple[float, float] | None) -> tuple[Any, Sequence[int], bool]:
+    """(dataset, frame indices to decode, whether the file has one frame), checking the request first."""
     ds = _read_dataset(path)
     count = _frame_count(ds)
     if frame is not None and not 0 <= frame < count:
         raise DicomError(f"frame {frame} out of range (the file has {count} frame{'s' if count != 1 else ''})")
     if window is not None and window[1] <= 0:
         raise DicomError(f"window width must be positive, got {window[1]:g}")
-    indices = range(count) if frame is None else [frame]
-    raws = [_reduced(_decode(ds, index, max_pixels), ds) for index in indices]
-    if "PixelData" in ds and all(raw.flags.owndata for raw in raws):  # copies: the file's pixel data is not needed again
-        del ds.PixelData
-    return [("" if count == 1 else f"[frame {index}]", _display(raw, ds, index, window))
-            for index, raw in zip(indices, raws)]
+    return ds, (range(count) if frame is None else [frame]), count == 1
 
 
 def _pydicom() -> Any:

@@ -24,7 +24,7 @@ from pydicom.pixels import apply_voi, apply_windowing  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import MPEG2MPML  # noqa: E402
 
-from edge.dicom import is_dicom, read_frames, sop_instance_uid  # noqa: E402
+from edge.dicom import is_dicom, iter_frames, read_frames, sop_instance_uid  # noqa: E402
 from edge.errors import DicomError, InputError  # noqa: E402
 
 GOOD = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "CT_small.dcm"]
@@ -507,3 +507,49 @@ def test_concurrent_reads_stay_silent(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert len(errors) == 80
     assert not caught and "XQ-77" not in out + err
+
+
+def test_frames_are_decoded_one_at_a_time_as_they_are_asked_for(tmp_path, monkeypatch):
+    """`--frame all` on a file of many frames must hold one frame, not all of them."""
+    import edge.dicom
+
+    base = pydicom.dcmread(data("MR_small.dcm")).pixel_array
+    path = multiframe(tmp_path / "multi.dcm", [base, base // 2, base.T.copy()])
+    decoded: list[int] = []
+    real = edge.dicom._decode
+    monkeypatch.setattr(edge.dicom, "_decode", lambda ds, index, limit: decoded.append(index) or real(ds, index, limit))
+    frames = iter_frames(path, frame=None)
+    assert decoded == []
+    assert next(frames)[0] == "[frame 0]" and decoded == [0]
+    assert next(frames)[0] == "[frame 1]" and decoded == [0, 1]
+
+
+def bad_second_frame(out: Path) -> Path:
+    """pydicom's two-frame RLE file with its second frame cut to 40 bytes: the first frame still decodes."""
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(data("SC_rgb_rle_2frame.dcm"))
+    first, second = generate_frames(ds.PixelData, number_of_frames=2)
+    ds.PixelData = encapsulate([first, second[:40]])
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_a_bad_later_frame_names_itself_after_the_good_ones(tmp_path):
+    frames = iter_frames(bad_second_frame(tmp_path / "bad.dcm"), frame=None)
+    suffix, image = next(frames)
+    assert suffix == "[frame 0]" and image.shape == (100, 100)
+    with pytest.raises(DicomError, match=r"^frame 1: cannot decode transfer syntax RLE Lossless"):
+        next(frames)
+
+
+def test_the_cli_keeps_the_good_frames_of_a_file_with_a_bad_one(tmp_path, bundled_model):
+    """Records stream out frame by frame; the bad frame adds one error record and exit code 1."""
+    path = bad_second_frame(tmp_path / "bad.dcm")
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "--json", "--frame", "all", "--model", str(bundled_model),
+                           str(path)], capture_output=True, text=True, timeout=300)
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r.get("frame") for r in records[:1]] == ["[frame 0]"] and records[0]["status"] in ("ok", "refer", "refused")
+    assert records[1]["status"] == "error" and f"{path}: frame 1: cannot decode" in records[1]["error"]
+    assert len(records) == 2 and done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

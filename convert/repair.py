@@ -31,12 +31,12 @@ says so.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from convert.metrics import wilson_interval
 from convert.quant_debug import LayerError
 
 #: Default target: top-1 agreement of the int8 file with the Keras model on held-out images.
@@ -53,20 +53,6 @@ SEGMENTS = 8
 PROBE_IMAGES = 200
 #: Full tries (quantize, time, check on every held-out image) at most, growing and shrinking together.
 MAX_TRIES = 14
-#: Normal quantile of the (two-sided) 95% Wilson interval whose lower end must reach the target.
-Z = 1.96
-
-
-def wilson_lower(agreeing: int, images: int, z: float = Z) -> float:
-    """Lower end of the Wilson score interval of ``agreeing / images``."""
-    if images == 0:
-        return 0.0
-    p = agreeing / images
-    centre = p + z * z / (2 * images)
-    spread = z * math.sqrt(p * (1 - p) / images + z * z / (4 * images * images))
-    return (centre - spread) / (1 + z * z / images)
-
-
 @dataclass(frozen=True)
 class Check:
     """Top-1 agreement of one TFLite file with the Keras model on the held-out images."""
@@ -80,7 +66,7 @@ class Check:
     @property
     def lower(self) -> float:
         """Wilson 95% lower bound of the agreement."""
-        return wilson_lower(self.images - self.disagreements, self.images)
+        return wilson_interval(self.images - self.disagreements, self.images)[0]
 
     def to_json(self) -> dict[str, Any]:
         return {"agreement": round(self.agreement, 5), "lower_95": round(self.lower, 5),

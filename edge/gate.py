@@ -7,12 +7,12 @@ that, both on the device and both cheap:
 - :func:`check_image` refuses inputs that cannot be a brain slice, from a reduced copy of the decoded
   image: one flat value, almost no contrast, far too elongated, colour, no head. Each refusal is a short
   stable code (:data:`REASONS`) with a plain sentence.
-- :class:`OodGate` scores the network's own penultimate features (a third signature output of the same
-  invoke, ``features``) by their Mahalanobis distance to the nearest training reference (each class, and
-  each extra healthy source), in a principal subspace plus the residual off it; a score above the model's
-  calibrated threshold means "not like the scans it was trained on", and the scan is referred. The
-  parameters, the threshold and the rates it was measured at travel in the model file's metadata
-  (``gate``), written by `convert.gate_calibration`.
+- :class:`OodGate` scores the network's own features (a third signature output of the same invoke,
+  ``features``: the feature map the model file names, averaged over its positions) by their Mahalanobis
+  distance to the nearest training reference (each class, and each extra healthy source), in a principal
+  subspace plus the residual off it; a score above the model's calibrated threshold means "not like the
+  scans it was trained on", and the scan is referred. The parameters, the threshold and the rates it was
+  measured at travel in the model file's metadata (``gate``), written by `convert.gate_calibration`.
 
 A refused or referred scan gets no verdict (docs/RECORDS.md); the network still runs, so its score is
 reported either way.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
-from .preprocess import HEAD_THRESHOLD, to_gray_float
+from .preprocess import head_extent, to_gray_float
 
 OK, REFER, REFUSED = "ok", "refer", "refused"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
@@ -54,8 +54,6 @@ MIN_RELATIVE_SPAN = 0.05
 #: Chroma spread (standard deviation of the red-green and yellow-blue opponents, over the luminance span).
 #: Colour-saved MRI measured at most 0.09 (JPEG chroma noise, a coloured annotation); photos 0.25-0.65.
 MAX_COLOUR = 0.15
-#: A head box smaller than this share of the image's height or width is no head (`edge.preprocess.head_box`).
-MIN_HEAD_SHARE = 0.2
 
 
 def message(reason: str | None) -> str | None:
@@ -86,7 +84,7 @@ def check_image(image: np.ndarray) -> str | None:
         return "low_contrast"
     if small.ndim == 3 and small.shape[2] >= 3 and _colourfulness(small) > MAX_COLOUR * span:
         return "colour"
-    if not _head_found(gray, ref):
+    if head_extent(gray, ref) is None:  # the test the crop uses, without its whole-image fallback
         return "no_head"
     return None
 
@@ -98,23 +96,6 @@ def _colourfulness(rgb: np.ndarray) -> float:
     rg = c[..., 0] - c[..., 1]
     yb = 0.5 * (c[..., 0] + c[..., 1]) - c[..., 2]
     return float(np.hypot(rg.std(), yb.std()))
-
-
-def _head_found(gray: np.ndarray, ref: float) -> bool:
-    """The test `edge.preprocess.head_box` crops by, answered yes or no: pixels brighter than
-    ``HEAD_THRESHOLD`` of the 99th percentile fill at least 2% of some rows and columns, spanning at least
-    ``MIN_HEAD_SHARE`` of the image each way. (head_box falls back to the whole image when they do not,
-    which is also what it returns for a head that fills the image, so it cannot tell the two apart.)
-    ``ref`` is the 99th percentile of ``gray``."""
-    if ref <= 0:
-        return False
-    mask = gray > HEAD_THRESHOLD * ref
-    rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
-    cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
-    if rows.size == 0 or cols.size == 0:
-        return False
-    h, w = gray.shape
-    return rows[-1] + 1 - rows[0] >= MIN_HEAD_SHARE * h and cols[-1] + 1 - cols[0] >= MIN_HEAD_SHARE * w
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:

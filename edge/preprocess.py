@@ -31,6 +31,8 @@ PIPELINES = ("mri-crop-v1", "resize")
 HEAD_THRESHOLD = 0.08
 #: Margin kept around the head's bounding box, as a fraction of the box's longer side.
 HEAD_MARGIN = 0.04
+#: A bright box smaller than this share of the image's height or width is not a head.
+MIN_HEAD_SHARE = 0.2
 #: Percentiles mapped to 0 and 255 by the contrast stretch.
 STRETCH_PERCENTILES = (0.5, 99.5)
 #: Longest side of the square canvas a crop is padded onto before it is resized to the model's input; a
@@ -53,24 +55,37 @@ def to_gray_float(image: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def head_box(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """Bounding box (top, left, bottom, right) of the head, or the whole image when none stands out.
+def head_extent(gray: np.ndarray, ref: float | None = None) -> tuple[int, int, int, int] | None:
+    """Tight bounding box (top, left, bottom, right) of the head, or None when none stands out.
 
-    A row or column counts when at least 2% of it is brighter than the threshold, which ignores
-    isolated bright specks (text burnt into the image, JPEG ringing) outside the skull.
+    A row or column counts when at least 2% of it is brighter than ``HEAD_THRESHOLD`` of the 99th
+    percentile (``ref`` when the caller has it), which ignores isolated bright specks (text burnt into the
+    image, JPEG ringing) outside the skull; a box under ``MIN_HEAD_SHARE`` of the image either way is none.
+    The crop (:func:`head_box`) and the input gate's "no head" check (`edge.gate`) share this one test.
     """
     h, w = gray.shape
-    ref = float(np.percentile(gray, 99))
+    ref = float(np.percentile(gray, 99)) if ref is None else ref
     if ref <= 0:
-        return 0, 0, h, w
+        return None
     mask = gray > HEAD_THRESHOLD * ref
     rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
     if rows.size == 0 or cols.size == 0:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if (bottom - top) < MIN_HEAD_SHARE * h or (right - left) < MIN_HEAD_SHARE * w:
+        return None
+    return top, left, bottom, right
+
+
+def head_box(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (top, left, bottom, right) of the head with a margin, or the whole image when none
+    stands out (:func:`head_extent`)."""
+    h, w = gray.shape
+    extent = head_extent(gray)
+    if extent is None:
         return 0, 0, h, w
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    if (bottom - top) < 0.2 * h or (right - left) < 0.2 * w:
-        return 0, 0, h, w
+    top, left, bottom, right = extent
     margin = int(round(HEAD_MARGIN * max(bottom - top, right - left)))
     return max(0, top - margin), max(0, left - margin), min(h, bottom + margin), min(w, right + margin)
 

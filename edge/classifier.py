@@ -45,7 +45,8 @@ class Result:
 
     ``heatmap`` is the model's Grad-CAM of the predicted class in model space (float32 [S, S], 0..1), or
     None for a model without a heatmap output; :meth:`heatmap_on_image` maps it onto ``image``, the decoded
-    scan. ``timings`` are milliseconds; a multi-frame file's decode time is shared equally by its frames.
+    scan. ``timings`` are milliseconds; each frame of a multi-frame file has its own decode time (the first
+    frame's includes reading the file).
     """
 
     label: str

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from convert.flatbuffer import dump, load
+
 FEATURES = "features"
 
 
@@ -23,18 +25,6 @@ def _schema() -> Any:
     from tensorflow.lite.python import schema_py_generated as schema
 
     return schema
-
-
-def load(tflite_model: bytes) -> Any:
-    """The flatbuffer as TensorFlow's object model (`schema.ModelT`), editable and writable again."""
-    schema = _schema()
-    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_model, 0))
-
-
-def dump(model: Any) -> bytes:
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _op_name(model: Any, op: Any) -> str:

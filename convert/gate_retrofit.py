@@ -7,7 +7,6 @@ to the old one's.
 """
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -74,7 +73,7 @@ def retrofit(model: Path, folders: Sequence[Path], out: Path, *, layer: str | No
         raise ValueError("the weight buffers changed in the edit; nothing was written")
     out.write_bytes(final)
     summary_gate = {k: v for k, v in gate.items() if k not in ("means", "basis", "variances")}
-    return {"out": str(out), "size_bytes": len(final), "sha256": hashlib.sha256(final).hexdigest(),
+    return {"out": str(out), "size_bytes": len(final), "sha256": spec.sha256,
             "weights": spec.metadata["weights"], "features": spec.metadata["outputs"][FEATURES],
             "gate": summary_gate, "identical": identical}
 

@@ -22,9 +22,10 @@ def embed_metadata(tflite_model: bytes, metadata: dict[str, Any]) -> bytes:
     before it is returned, so a file that converts is a file that loads.
     """
     from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
 
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_model, 0))
+    from convert.flatbuffer import dump, load
+
+    model = load(tflite_model)
     entries = list(model.metadata or [])
     ours = next((m for m in entries if m.name in (METADATA_KEY, METADATA_KEY.encode())), None)
     if ours is None:
@@ -35,7 +36,7 @@ def embed_metadata(tflite_model: bytes, metadata: dict[str, Any]) -> bytes:
     model.metadata = [m for m in entries if m.name not in (METADATA_KEY, METADATA_KEY.encode())] + [ours]
     payload = dict(metadata, weights=weights_digest(model))
     model.buffers[ours.buffer].data = list(json.dumps(payload, sort_keys=True, indent=1).encode("utf-8"))
-    out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    out = dump(model)
     if not read_spec(out).weights_verified:
         raise ValueError("the written model lost its weights checksum")
     return out

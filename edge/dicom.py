@@ -50,6 +50,9 @@ _PHOTOMETRIC_TERMS = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "HSV", "ARG
 _TEXT_VRS = {"PN", "LO", "SH", "DA", "DT", "TM", "AS", "ST", "LT", "UT", "UC", "AE"}
 #: Quoted pydicom messages are cut to this length: one readable line, not a dump.
 _MAX_QUOTE = 160
+#: Element values larger than this are not read with the header (pydicom's ``defer_size``): the pixel data
+#: is read frame by frame from the file instead (`_decode`), so a file's frame count never sets the memory.
+DEFER_BYTES = 256 * 2**10
 _QUIET_LOCK = threading.RLock()
 
 
@@ -111,8 +114,9 @@ def iter_frames(
     `window=(centre, width)` overrides the file's window (linear VOI function, in rescaled units such as
     Hounsfield units); it applies to grayscale images only.
 
-    Memory: a frame over ``max_pixels`` (default `edge.decode.MAX_PIXELS`) is refused from the header; an
-    uncompressed frame is a view on the file's pixel data, not a copy; a frame over `edge.reduce.WORK_PIXELS`
+    Memory: a frame over ``max_pixels`` (default `edge.decode.MAX_PIXELS`) is refused from the header; the
+    pixel data is never read whole, only each frame's bytes (pydicom reads them from the file, or from the
+    file object, by the offsets the header gives); a frame over `edge.reduce.WORK_PIXELS`
     is reduced in its stored type, band by band, before it is converted to float; a compressed frame must
     decode within `edge.decode.MAX_DECODED_BYTES`. Frames are decoded one at a time and yielded as they are,
     so a consumer that lets each go before the next holds one frame whatever the file's frame count. An
@@ -121,18 +125,17 @@ def iter_frames(
     # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
     # the dataset, not only the read, happens with its warnings and log records silenced; never across a
     # yield, which would silence the consumer's code too.
+    source = path if hasattr(path, "read") else Path(path)
     with _quiet(), _no_context():
-        ds, indices, single = _open_frames(path if hasattr(path, "read") else Path(path), frame, window)
+        ds, indices, single = _open_frames(source, frame, window)
     for index in indices:
         with _quiet(), _no_context():
             try:
-                raw = _reduced(_decode(ds, index, max_pixels), ds)
+                raw = _reduced(_decode(ds, source, index, max_pixels), ds)
             except DicomError as exc:  # after frames that were fine: say which one is not
                 if index == indices[0]:
                     raise
                 raise type(exc)(f"frame {index}: {exc}") from None
-            if len(indices) == 1 and "PixelData" in ds and raw.flags.owndata:
-                del ds.PixelData  # a copy: the file's pixel data is not needed again
             image = _display(raw, ds, index, window)
         del raw
         yield ("" if single else f"[frame {index}]", image)
@@ -201,12 +204,12 @@ def _read_dataset(path: Path | BinaryIO) -> Any:
     source = str(path) if isinstance(path, Path) else path
     try:
         try:
-            ds = pydicom.dcmread(source)
+            ds = pydicom.dcmread(source, defer_size=DEFER_BYTES)
         except InvalidDicomError:
             # No preamble/'DICM' (older exports): parse anyway, then insist on pixel data below.
             if not isinstance(source, str):
                 source.seek(0)
-            ds = pydicom.dcmread(source, force=True)
+            ds = pydicom.dcmread(source, defer_size=DEFER_BYTES, force=True)
     except FileNotFoundError:
         raise DicomError("file not found") from None
     except IsADirectoryError:
@@ -238,9 +241,15 @@ def _frame_count(ds: Any) -> int:
     return count
 
 
-def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
-    """Decode one frame of the pixel data (uncompressed: a read-only view, no copy), turning every failure into
-    a DicomError; refuse a frame too large by its header first."""
+def _decode(ds: Any, source: Path | BinaryIO, frame: int, max_pixels: int | None) -> np.ndarray:
+    """Decode one frame of the pixel data, reading only that frame's bytes from ``source`` (the file ``ds`` was
+    read from), turning every failure into a DicomError; refuse a frame too large by its header first.
+
+    The frame comes from the file, not from ``ds``, because a dataset decodes from its whole pixel data
+    element, which it would first read into memory: all frames, for one. The transfer syntax is passed in,
+    since a file without a meta header (older exports) only has the one `_read_dataset` worked out. Files
+    pydicom cannot read frame by frame (`_frames_readable_from_file`), or whose frame its reader refuses,
+    are decoded from the dataset, which reads their whole pixel data: the exception, not the rule."""
     from pydicom.pixels import get_decoder, pixel_array
 
     uid = ds.file_meta.TransferSyntaxUID
@@ -254,10 +263,19 @@ def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
         raise MissingDecoderError(f"transfer syntax {syntax} needs a decoder that is not installed "
                                   f"({_install_hint(decoder)})")
     big = _check_frame_size(ds, decoder.is_encapsulated, max_pixels)
-    # Uncompressed: a view, unless pydicom must clear the bits above Bits Stored, which it does on a full-size
-    # copy; a frame that will be reduced gets them cleared band by band in `_reduced` instead.
-    options = {} if decoder.is_encapsulated else {"view_only": True, "correct_unused_bits": not big}
+    from_file = _frames_readable_from_file(ds, uid)
+    if from_file and not decoder.is_encapsulated:
+        _check_native_length(ds, source)
+    # Uncompressed: pydicom clears the bits above Bits Stored on a full-size copy; a frame that will be
+    # reduced gets them cleared band by band in `_reduced` instead.
+    options = {} if decoder.is_encapsulated else {"correct_unused_bits": not big}
     try:
+        if from_file:
+            try:
+                return pixel_array(str(source) if isinstance(source, Path) else source, index=frame,
+                                   transfer_syntax_uid=uid, **options)
+            except Exception:  # noqa: BLE001 - the frame reader is stricter than dcmread on some exports
+                pass  # (pydicom's own SC_rgb_jpeg.dcm); the dataset decodes them, or says what is wrong
         return pixel_array(ds, index=frame, **options)
     except ValueError as exc:
         raise DicomError(f"pixel data is truncated or corrupt: {_quote(exc, ds)}") from None
@@ -267,6 +285,51 @@ def _decode(ds: Any, frame: int, max_pixels: int | None) -> np.ndarray:
             raise DicomError(f"cannot decode transfer syntax {syntax}: {_quote(exc, ds)}"
                              + (f" (another decoder may: {hint})" if decoder.missing_dependencies else "")) from None
         raise DicomError(f"pixel data is unreadable: {_quote(exc, ds)}") from None
+
+
+def _frames_readable_from_file(ds: Any, uid: Any) -> bool:
+    """Whether pydicom can read one frame straight from the file: not when the whole dataset is deflated
+    (zlib over every element, nothing to seek to), nor when the elements are encoded otherwise than the
+    transfer syntax says (an export that writes implicit VR under an explicit-VR syntax: `dcmread` notices
+    and adapts, the frame reader parses by the syntax and fails)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if uid == DeflatedExplicitVRLittleEndian:
+        return False
+    return tuple(ds.original_encoding) == (uid.is_implicit_VR, uid.is_little_endian)
+
+
+#: The pixel data elements, in the order pydicom looks for them.
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+def _check_native_length(ds: Any, source: Path | BinaryIO) -> None:
+    """Refuse uncompressed pixel data shorter than its header says (a cut copy, a broken export).
+
+    pydicom checks this when it decodes from a dataset, but not when it reads one frame from the file, where
+    it returns whatever bytes follow; so the element's length, and the bytes the file really has after the
+    element's start, are compared with what Rows, Columns, Samples, Bits Allocated and the frame count need.
+    """
+    raw = next((ds.get_item(tag, keep_deferred=True) for tag in _PIXEL_TAGS if tag in ds), None)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom names the missing or invalid element when it decodes
+    if raw is None or getattr(raw, "value_tell", None) is None:
+        return
+    pixels = rows * cols * samples * _frame_count(ds)
+    need = -(-pixels // 8) if bits == 1 else pixels * -(-bits // 8)
+    if isinstance(source, Path):
+        size = source.stat().st_size
+    else:
+        at = source.tell()
+        size = source.seek(0, 2)
+        source.seek(at)
+    have = min(int(raw.length), size - int(raw.value_tell))
+    if have < need:
+        raise DicomError(f"pixel data is truncated or corrupt: {max(have, 0):,} of the {need:,} bytes its "
+                         "header describes")
 
 
 def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> bool:
@@ -345,8 +408,25 @@ def _text_values(ds: Any) -> list[str]:
     would blank out ordinary numbers in a message and identify no one on their own."""
     values: set[str] = set()
 
+    from pydicom.datadict import dictionary_VR
+
+    def vr_of(raw: Any) -> str:
+        if raw.VR:
+            return str(raw.VR)
+        try:
+            return dictionary_VR(raw.tag)
+        except KeyError:  # a private or unknown tag of an implicit-VR file: pydicom reads it as UN too
+            return "UN"
+
     def visit(d: Any) -> None:
-        for elem in d:
+        # get_item(keep_deferred=True) leaves a raw element unconverted and a deferred value (the pixel data)
+        # unread; only text and sequence elements are then converted
+        for tag in list(d.keys()):
+            raw = d.get_item(tag, keep_deferred=True)
+            vr = vr_of(raw)
+            if vr != "SQ" and vr not in _TEXT_VRS:
+                continue
+            elem = d[raw.tag]
             if elem.VR == "SQ":
                 for item in elem.value or ():
                     visit(item)

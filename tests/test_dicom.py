@@ -517,11 +517,40 @@ def test_frames_are_decoded_one_at_a_time_as_they_are_asked_for(tmp_path, monkey
     path = multiframe(tmp_path / "multi.dcm", [base, base // 2, base.T.copy()])
     decoded: list[int] = []
     real = edge.dicom._decode
-    monkeypatch.setattr(edge.dicom, "_decode", lambda ds, index, limit: decoded.append(index) or real(ds, index, limit))
+    monkeypatch.setattr(edge.dicom, "_decode",
+                        lambda ds, src, index, limit: decoded.append(index) or real(ds, src, index, limit))
     frames = iter_frames(path, frame=None)
     assert decoded == []
     assert next(frames)[0] == "[frame 0]" and decoded == [0]
     assert next(frames)[0] == "[frame 1]" and decoded == [0, 1]
+
+
+def test_one_frame_of_a_large_file_reads_that_frame_only(tmp_path):
+    """A 64-frame 512x512 16-bit file holds 32 MiB of pixel data; the first frame is 0.5 MiB. Reading it, or
+    every frame one after the other, must never hold the file's pixel data: Python's allocations (numpy's
+    included, which tracemalloc sees) peak at a few frames' worth, not the whole element."""
+    import tracemalloc
+
+    frame = (np.arange(512 * 512, dtype=np.uint16).reshape(512, 512) % 4000)
+    path = multiframe(tmp_path / "big.dcm", [frame] * 64, Rows=512, Columns=512)
+    whole = 64 * frame.nbytes
+    for request in (0, None):
+        tracemalloc.start()
+        try:
+            for _, image in iter_frames(path, frame=request):
+                assert image.shape == (512, 512)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < whole / 4, f"frame={request}: peak {peak / 2**20:.1f} MiB for a {whole / 2**20:.0f} MiB file"
+
+
+def test_uncompressed_pixel_data_shorter_than_its_header_is_refused(tmp_path):
+    ds = pydicom.dcmread(data("MR_small.dcm"))
+    ds.PixelData = ds.PixelData[:-64]
+    ds.save_as(tmp_path / "short.dcm", enforce_file_format=True)
+    with pytest.raises(DicomError, match="truncated or corrupt: 8,128 of the 8,192 bytes"):
+        read_frames(tmp_path / "short.dcm")
 
 
 def bad_second_frame(out: Path) -> Path:

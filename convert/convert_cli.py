@@ -37,11 +37,12 @@ Examples:
 \b
 Every conversion ends with a check: top-1 agreement of the int8 file with the Keras model on held-out
 images (--heldout DIR, default: up to 1,000 calibration-folder images not used for calibration; never
-the calibration images). At or above --agreement (default 99.5%) nothing changes. Below it the file is
-repaired: parts of the graph are kept in float (builtin kernels), the ones that measurably matter, as few
-as show the target with 95% confidence, within --size-budget and --latency-budget (ratios over the
-all-int8 file; invoke time measured here, one thread). --agreement 0 skips the check. Images the model
-was trained on overstate agreement on new scans: give --heldout images it has not seen where you can.
+the calibration images), each with a seeded scanner-style change of gain, contrast, gamma, blur and
+noise: images the model was trained on, as read, overstate agreement on new scans. At or above
+--agreement (default 99.5%) nothing changes. Below it the file is repaired: parts of the graph are kept
+in float (builtin kernels), the ones that measurably matter, as few as show the target with 95%
+confidence, within --size-budget and --latency-budget (ratios over the all-int8 file; invoke time
+measured here, one thread). --agreement 0 skips the check.
 
 \b
 --report DIR compares the int8 (and fp32) file with the Keras model on the first 200 held-out images:

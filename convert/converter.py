@@ -535,4 +535,4 @@ def _check_agreement(model: Any, calibrated: bytes, int8: bytes, calib: calibrat
         quantize=lambda nodes: quantize(calibrated, float_ops, float_layers, nodes),
         kept_float=float_nodes(calibrated, float_layers), float_ops=float_ops, target=target,
         size_budget=size_budget, latency_budget=latency_budget,
-        report_dir=Path(report_dir) if report_dir is not None else None, name=settings.name, say=say)
+        report_dir=Path(report_dir) if report_dir is not None else None, name=settings.name, seed=seed, say=say)

@@ -3,9 +3,11 @@
 The model is a small CNN whose middle convolution ("outlier") has one output channel with a huge constant
 activation that the next layer ignores: in float nothing changes, but in int8 that channel stretches the
 layer's one activation scale so far that the other fifteen channels round to zero, and most answers change.
-The head is fitted in closed form (least squares) to synthetic scans of four brightness levels (the device
-feeds an RGB model the grayscale image three times, so the classes cannot differ by colour), so the float
-model answers each class with a clear margin. Conversions are real and run in the real LiteRT interpreter.
+The model is trained briefly on synthetic scans of four textures (horizontal stripes,
+vertical stripes, a checkerboard, flat; gray, since the device feeds an RGB model the grayscale image three
+times), so the float model answers each class with a clear margin. Textures rather than brightness levels:
+the agreement check measures scanner-style variants of the held-out scans (gain, contrast, gamma, blur,
+noise), which would move a brightness level into its neighbour's class but leave a texture what it is. Conversions are real and run in the real LiteRT interpreter.
 
 The repair's latency budget is set out of reach here: invoke times of a model this small are noise, and
 the tests must not depend on the machine's speed.
@@ -23,14 +25,17 @@ pytest.importorskip("tensorflow")
 
 from click.testing import CliRunner  # noqa: E402
 
-from convert import converter, normalisation  # noqa: E402
+from convert import converter  # noqa: E402
 from convert.convert_cli import main  # noqa: E402
 from edge.model_file import read_spec  # noqa: E402
 
 L = keras.layers
 LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
 SIZE = 32
-LEVELS = np.array([40, 100, 160, 220])
+#: Training epochs of the small model.
+EPOCHS = 8
+#: Stripe and checker period in pixels.
+PERIOD = 8
 #: 254 per class: 1,000 held-out images beside 16 for calibration, enough to show 99.5% with 95% confidence.
 PER_CLASS = 254
 #: The float file of this small model is mostly the two convolutions the repair keeps float.
@@ -39,11 +44,11 @@ NO_LATENCY_LIMIT = 1000.0
 
 
 @pytest.fixture(scope="module")
-def levels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Class folders of 32x32 grayscale 'scans': one brightness level per class, with pixel noise."""
+def textures_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Class folders of 32x32 grayscale 'scans': one texture per class, with pixel noise."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("levels")
+    root = tmp_path_factory.mktemp("textures")
     for c, label in enumerate(LABELS):
         (root / label).mkdir()
         for i, pixels in enumerate(_scans(np.full(PER_CLASS, c), seed=c)):
@@ -52,46 +57,60 @@ def levels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _scans(labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8 [N, S, S, 3] scans of the given classes' brightness levels, gray repeated to RGB."""
-    noise = np.random.default_rng(seed).normal(0, 25, (labels.size, SIZE, SIZE, 1))
-    gray = np.clip(LEVELS[labels][:, None, None, None] + noise, 0, 255).astype(np.uint8)
-    return np.repeat(gray, 3, axis=3)
-
-
-def _fit_head(model, images: np.ndarray) -> None:
-    """Least-squares logits on the pooled features: a clear margin for every class."""
-    x = normalisation.apply(images.astype(np.float32), normalisation.parse("tf", 3))
-    features = keras.Model(model.inputs, model.get_layer("gap").output).predict(x, verbose=0)
-    labels = np.arange(len(images)) % len(LABELS)
-    solution, *_ = np.linalg.lstsq(np.c_[features, np.ones(len(features))], 10.0 * np.eye(4)[labels], rcond=None)
-    model.get_layer("logits").set_weights([solution[:-1].astype(np.float32), solution[-1].astype(np.float32)])
+    """uint8 [N, S, S, 3] scans of the given classes' textures at a random phase and brightness, gray repeated
+    to RGB."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    half = PERIOD // 2
+    patterns = np.stack([(rows // half) % 2, (cols // half) % 2, (rows // half + cols // half) % 2,
+                         np.zeros_like(rows)]).astype(np.float32) * 2 - 1
+    shifts = rng.integers(0, PERIOD, (labels.size, 2))
+    pattern = np.stack([np.roll(patterns[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
+    base = rng.uniform(90, 160, (labels.size, 1, 1))
+    gray = base + 50 * pattern + rng.normal(0, 20, pattern.shape)
+    return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=3)
 
 
 def small_model(outlier: bool) -> "keras.Model":
+    """The small CNN trained briefly on the textures and their scanner-style variants; with ``outlier``, the
+    middle convolution's first channel then becomes a constant 2,000 that the next layer ignores."""
+    from convert import augment
+
     keras.utils.set_random_seed(3)
     inputs = keras.Input((SIZE, SIZE, 3))
-    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
-    x = L.Conv2D(16, 3, padding="same", activation="relu", name="outlier")(x)
-    x = L.Conv2D(16, 3, padding="same", activation="relu", name="features")(x)
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    model = keras.Model(inputs, L.Dense(len(LABELS), name="logits")(x))  # logits, no softmax
+    x = L.Rescaling(1 / 127.5, -1.0)(inputs)  # the "tf" normalisation, inside the model only while training
+    body = [L.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="outlier"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="features"),
+            L.GlobalAveragePooling2D(name="gap"), L.Dense(len(LABELS), name="logits")]  # logits, no softmax
+    for layer in body:
+        x = layer(x)
+    trainer = keras.Model(inputs, x)
+    images = _scans(np.arange(4 * PER_CLASS) % 4, seed=9)
+    images = np.concatenate([images, augment.scanner_variants(images, seed=11)])
+    trainer.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trainer.fit(images.astype(np.float32), np.arange(len(images)) % 4, epochs=EPOCHS, batch_size=64, verbose=0)
+    model_inputs = keras.Input((SIZE, SIZE, 3))
+    y = model_inputs
+    for layer in body:
+        y = layer(y)
+    model = keras.Model(model_inputs, y)  # converted with --preprocess tf, as a published model would be
     if outlier:
         kernel, bias = model.get_layer("outlier").get_weights()
-        bias[0] = 2000.0
+        kernel[..., 0], bias[0] = 0.0, 2000.0
         model.get_layer("outlier").set_weights([kernel, bias])
         kernel, bias = model.get_layer("features").get_weights()
-        kernel[:, :, 0, :] = 0.0  # the outlier channel is ignored: float answers do not depend on it
+        kernel[:, :, 0, :] = 0.0  # the outlier channel is ignored
         model.get_layer("features").set_weights([kernel, bias])
-    _fit_head(model, _scans(np.arange(4 * PER_CLASS) % 4, seed=9))
     return model
 
 
 @pytest.fixture(scope="module")
-def repaired(levels_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def repaired(textures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The outlier model saved as .keras and converted by the real CLI with default target and a report."""
     out = tmp_path_factory.mktemp("repaired")
     small_model(outlier=True).save(out / "outlier.keras")
-    result = CliRunner().invoke(main, [str(out / "outlier.keras"), "--calibration", str(levels_dir), "--out",
+    result = CliRunner().invoke(main, [str(out / "outlier.keras"), "--calibration", str(textures_dir), "--out",
                                        str(out / "outlier.tflite"), "--preprocess", "tf", "--num-calibration", "16",
                                        "--size-budget", str(SIZE_BUDGET), "--latency-budget", str(NO_LATENCY_LIMIT),
                                        "--report", str(out / "report")], catch_exceptions=False)
@@ -127,7 +146,8 @@ def test_repair_reaches_the_target_and_names_the_layer(repaired: dict):
     assert record["before"]["agreement"] < 0.8, "the model must lose agreement in int8 to test the repair"
     assert record["reached"] is True and record["after"]["lower_95"] >= 0.995
     assert [k["layer"] for k in record["kept_float"]] == ["outlier"]
-    assert record["heldout"] == "calibration-folder images not used for calibration"
+    assert record["heldout"] == ("calibration-folder images not used for calibration, each with a seeded "
+                                "scanner-style intensity change")
     assert record["before"]["images"] == 4 * PER_CLASS - 16
     ops, float_ops, custom = converter.list_ops(data)
     assert not custom and float_ops.get("CONV_2D") == 2 and ops["CONV_2D"] == 3
@@ -137,11 +157,11 @@ def test_repair_reaches_the_target_and_names_the_layer(repaired: dict):
     assert parity["variants"]["int8"]["top1_agreement"] >= 0.995
 
 
-def test_nothing_changes_when_the_target_is_met(levels_dir: Path, tmp_path: Path):
+def test_nothing_changes_when_the_target_is_met(textures_dir: Path, tmp_path: Path):
     model = small_model(outlier=False)
-    checked = converter.convert_model(model, calibration_dir=levels_dir, out=tmp_path / "plain.tflite",
+    checked = converter.convert_model(model, calibration_dir=textures_dir, out=tmp_path / "plain.tflite",
                                       preprocess="tf", num_calibration=16)
-    unchecked = converter.convert_model(model, calibration_dir=levels_dir, out=tmp_path / "off.tflite",
+    unchecked = converter.convert_model(model, calibration_dir=textures_dir, out=tmp_path / "off.tflite",
                                         preprocess="tf", num_calibration=16, agreement=0)
     assert checked.repair["before"]["agreement"] >= 0.995
     assert checked.repair["steps"] == [] and checked.repair["probes"] == []
@@ -150,8 +170,8 @@ def test_nothing_changes_when_the_target_is_met(levels_dir: Path, tmp_path: Path
     assert checked.ops == unchecked.ops and checked.float_ops == unchecked.float_ops
 
 
-def test_budget_stops_the_repair_and_says_so(levels_dir: Path, tmp_path: Path):
-    result = converter.convert_model(small_model(outlier=True), calibration_dir=levels_dir,
+def test_budget_stops_the_repair_and_says_so(textures_dir: Path, tmp_path: Path):
+    result = converter.convert_model(small_model(outlier=True), calibration_dir=textures_dir,
                                      out=tmp_path / "capped.tflite", preprocess="tf", num_calibration=16,
                                      size_budget=1.01, latency_budget=NO_LATENCY_LIMIT)
     record = result.repair

@@ -181,6 +181,21 @@ def test_intensity_augmentation_is_random_in_training_and_identity_at_inference(
     assert len({float(np.abs(y[i] - x[i]).mean()) for i in range(4)}) == 4, "one draw per image"
 
 
+def test_scanner_variants_are_seeded_uint8_and_change_every_image() -> None:
+    """The conversion check's images: the same seed gives the same variants, another seed others; each image
+    changes, stays uint8 of the same shape, and one batch boundary does not repeat a draw."""
+    from convert import augment
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (augment.VARIANT_BATCH + 3, 24, 24, 3), dtype=np.uint8)
+    a, b, c = augment.scanner_variants(x, 5), augment.scanner_variants(x, 5), augment.scanner_variants(x, 6)
+    assert a.dtype == np.uint8 and a.shape == x.shape
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    changed = np.abs(a.astype(int) - x).mean(axis=(1, 2, 3))
+    assert (changed > 1.0).all(), "every image gets a change"
+    assert len(np.unique(np.round(changed, 3))) > 0.9 * len(x), "a draw per image, across batches too"
+
+
 MASKS = Path(__file__).parent / "data" / "mri_sample_masks"
 IXI = Path(__file__).parent / "data" / "ixi_sample"
 

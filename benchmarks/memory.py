@@ -2,7 +2,8 @@
 
 The inputs are made in a temporary folder from a bundled sample scan (so the head crop, the gate and the
 heatmap run as on a real scan): a 7070 x 7070 JPEG (RGB), 16-bit grayscale PNG, uncompressed float32 TIFF
-and 16-bit DICOM (just under the 50 Mpx limit, `edge.decode.MAX_PIXELS`), the largest RGB PNG within the
+and 16-bit DICOM (just under the 50 Mpx limit, `edge.decode.MAX_PIXELS`), a multi-frame 16-bit DICOM
+(400 frames of 512 x 512, 210 MB, of which the first frame is classified), the largest RGB PNG within the
 decoded-bytes limit of formats that are decoded whole (`edge.decode.MAX_DECODED_BYTES`) and one over it,
 20000 x 16 and 16 x 20000 strips, a 200000 x 16 strip, and the sample itself for reference. Each is classified
 by a fresh `edge-classify` process, with and without ``--heatmap``; its peak RSS is the kernel's high-water mark
@@ -45,6 +46,8 @@ SAMPLE = Path(edge.__file__).resolve().parent / "samples" / "glioma_1.jpg"
 MB = 1024.0 * 1024.0
 #: One run of `edge-classify` that takes longer than this is stopped and reported as failed.
 RUN_TIMEOUT_S = 300
+#: Side of the multi-frame DICOM's frames (at most ``--side``).
+FRAME_SIDE = 512
 #: Side of the largest RGB PNG within MAX_DECODED_BYTES (Pillow keeps RGB at 4 bytes a pixel).
 RGB_PNG_LIMIT_SIDE = math.isqrt(MAX_DECODED_BYTES // 4)
 
@@ -78,7 +81,7 @@ def _write_float_tiff(path: Path, side: int) -> None:
     _scan((side, side)).convert("F").point(lambda v: v / 255.0).save(path)
 
 
-def _write_dicom(path: Path, side: int) -> None:
+def _write_dicom(path: Path, side: int, frames: int = 1) -> None:
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import ExplicitVRLittleEndian
@@ -88,7 +91,9 @@ def _write_dicom(path: Path, side: int) -> None:
     gray *= 16  # 12-bit values, as an MR scanner stores them
     ds.Rows = ds.Columns = side
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = gray.tobytes()
+    ds.PixelData = gray.tobytes() * frames
+    if frames > 1:
+        ds.NumberOfFrames = frames
     for keyword in ("WindowCenter", "WindowWidth"):
         if keyword in ds:
             delattr(ds, keyword)
@@ -96,8 +101,9 @@ def _write_dicom(path: Path, side: int) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def cases(side: int, strip: int, long_strip: int) -> list[Case]:
-    """The inputs at these sizes: ``side`` for the squares, ``strip`` and ``long_strip`` for the strips."""
+def cases(side: int, strip: int, long_strip: int, frames: int = 0) -> list[Case]:
+    """The inputs at these sizes: ``side`` for the squares, ``strip`` and ``long_strip`` for the strips,
+    ``frames`` for the multi-frame DICOM (0: none)."""
     rgb_side = min(side, RGB_PNG_LIMIT_SIDE)
     with Image.open(SAMPLE) as sample:
         sample_size = sample.size
@@ -120,6 +126,11 @@ def cases(side: int, strip: int, long_strip: int) -> list[Case]:
     if importlib.util.find_spec("pydicom") is not None:  # the [dicom] extra
         out.append(Case(f"mr16-{side}.dcm", f"{side}x{side} 16-bit DICOM, uncompressed", square, "answered",
                         lambda p: _write_dicom(p, side)))
+        if frames:  # the file's pixel data is far larger than the frame classified: it must not be read whole
+            f = min(side, FRAME_SIDE)
+            mb = frames * f * f * 2 / 1e6
+            out.append(Case(f"mr16-{frames}x{f}.dcm", f"{frames}-frame {f}x{f} 16-bit DICOM ({mb:.0f} MB), frame 0",
+                            (f, f), "answered", lambda p: _write_dicom(p, f, frames)))
     out += [
         Case(f"strip-{strip}x16.png", f"{strip}x16 strip PNG", (strip, 16), "answered",
              lambda p: _scan((strip, 16)).save(p)),
@@ -194,7 +205,8 @@ def judge(row: dict[str, Any], expect: str, max_rss_mb: float, max_seconds: floa
     row["pass"] = bool(ends_well and row["within_bounds"])
 
 
-def run_memory_bench(*, model: str, side: int, strip: int, long_strip: int, max_rss_mb: float, max_seconds: float,
+def run_memory_bench(*, model: str, side: int, strip: int, long_strip: int, frames: int, max_rss_mb: float,
+                     max_seconds: float,
                      advance: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Generate the inputs, measure each with and without --heatmap; the whole session as a dict."""
     rows = []
@@ -202,7 +214,7 @@ def run_memory_bench(*, model: str, side: int, strip: int, long_strip: int, max_
         folder = Path(tmp)
         overlays = folder / "overlays"
         overlays.mkdir()
-        for case in cases(side, strip, long_strip):
+        for case in cases(side, strip, long_strip, frames):
             path = folder / case.name
             case.write(path)
             for heatmap in (False, True):
@@ -259,6 +271,8 @@ def markdown(session: dict[str, Any]) -> str:
               help="Length of the 16-pixel strips.")
 @click.option("--long-strip", default=200000, show_default=True, type=click.IntRange(64),
               help="Length of the longest 16-pixel strip.")
+@click.option("--frames", default=400, show_default=True, type=click.IntRange(0, 4000),
+              help="Frames of the multi-frame DICOM input (0 leaves it out).")
 @click.option("--max-rss-mb", default=250.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Bound on each process's peak RSS.")
 @click.option("--max-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -266,12 +280,12 @@ def markdown(session: dict[str, Any]) -> str:
 @click.option("--out", "out_path", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="FILE",
               help="Write the results (JSON, schema edge-bench-memory/1) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the markdown table.")
-def memory_cmd(model: str, side: int, strip: int, long_strip: int, max_rss_mb: float, max_seconds: float,
+def memory_cmd(model: str, side: int, strip: int, long_strip: int, frames: int, max_rss_mb: float, max_seconds: float,
                out_path: Path | None, as_json: bool) -> None:
     """Peak RSS and wall time of edge-classify on the worst inputs it accepts, with and without --heatmap.
 
-    Writes the inputs to a temporary folder one at a time (the largest, the float TIFF, is 200 MB at the
-    default sizes), then
+    Writes the inputs to a temporary folder one at a time (the largest, the float TIFF and the multi-frame
+    DICOM, are 200 and 210 MB at the default sizes), then
     runs `edge-classify --json` on each in a fresh process and reads that process's own peak RSS from the
     kernel. Other load on the machine adds to the wall times, not to the RSS.
 
@@ -291,10 +305,10 @@ def memory_cmd(model: str, side: int, strip: int, long_strip: int, max_rss_mb: f
         resolved = str(resolve(model))
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
-    n_rows = 2 * len(cases(side, strip, long_strip))
+    n_rows = 2 * len(cases(side, strip, long_strip, frames))
     try:
         with click.progressbar(length=n_rows, label="measuring edge-classify", file=sys.stderr) as bar:
-            session = run_memory_bench(model=resolved, side=side, strip=strip, long_strip=long_strip,
+            session = run_memory_bench(model=resolved, side=side, strip=strip, long_strip=long_strip, frames=frames,
                                        max_rss_mb=max_rss_mb, max_seconds=max_seconds, advance=bar.update)
     except BenchError as exc:
         error(PROG, exc)

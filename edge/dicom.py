@@ -266,9 +266,10 @@ def _decode(ds: Any, source: Path | BinaryIO, frame: int, max_pixels: int | None
     from_file = _frames_readable_from_file(ds, uid)
     if from_file and not decoder.is_encapsulated:
         _check_native_length(ds, source)
-    # Uncompressed: pydicom clears the bits above Bits Stored on a full-size copy; a frame that will be
-    # reduced gets them cleared band by band in `_reduced` instead.
-    options = {} if decoder.is_encapsulated else {"correct_unused_bits": not big}
+    # Uncompressed: a read-only view on the frame's bytes (pydicom otherwise copies them to make the array
+    # writeable), unless pydicom must clear the bits above Bits Stored, which it does on a full-size copy; a
+    # frame that will be reduced gets them cleared band by band in `_reduced` instead.
+    options = {} if decoder.is_encapsulated else {"view_only": True, "correct_unused_bits": not big}
     try:
         if from_file:
             try:

@@ -7,6 +7,7 @@ how much memory and time they take is measured by `edge-bench memory`, never ass
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import zlib
@@ -263,7 +264,8 @@ def test_the_memory_benchmark_runs_on_a_small_configuration(tmp_path: Path):
     out = tmp_path / "memory.json"
     # No bound on time here (a unit test asserts no wall clock): only on what each run did and its memory.
     result = CliRunner().invoke(main, ["memory", "--side", "300", "--strip", "600", "--long-strip", "2400",
-                                       "--max-seconds", "1e9", "--out", str(out)], catch_exceptions=False)
+                                       "--frames", "8", "--max-seconds", "1e9", "--out", str(out)],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     session = json.loads(out.read_text())
     assert session["schema"] == "edge-bench-memory/1"
@@ -272,3 +274,5 @@ def test_the_memory_benchmark_runs_on_a_small_configuration(tmp_path: Path):
     assert all(r["pass"] and r["outcome"] == "answered" and 10 < r["peak_rss_mb"] <= 250 for r in rows), rows
     assert all((r["overlay"] is not None) == r["heatmap"] for r in rows)
     assert "| 600x16 strip PNG | yes | answered" in result.output
+    if importlib.util.find_spec("pydicom") is not None:
+        assert "| 8-frame 300x300 16-bit DICOM (1 MB), frame 0 | no | answered" in result.output

@@ -54,7 +54,7 @@ def heldout_images(calib: calibration.ImageSet, *, calibration_dir: Path, heldou
                                     seed=seed + 1, exclude=exclude, progress=progress)
     # described, not named: the record travels inside the model file, a folder path would too
     source = "the --heldout folder" if heldout_dir is not None else "calibration-folder images not used for calibration"
-    return found, f"{source}, {VARIANTS}"
+    return found, source
 
 
 def first(images: calibration.ImageSet, count: int) -> calibration.ImageSet:
@@ -78,12 +78,14 @@ def check_and_repair(model: Any, calibrated: bytes, int8: bytes, *, heldout: cal
                      size_budget: float, latency_budget: float, report_dir: Path | None, name: str, seed: int,
                      say: Callable[[str], None]) -> Checked:
     """Measure agreement of ``int8`` on the held-out images' scanner-style variants (seeded by ``seed``);
-    below ``target``, repair it; with ``report_dir``, write the per-layer report. ``quantize(nodes)`` re-quantizes the calibrated model with those tensors in float;
-    ``kept_float`` are the tensors already float (Grad-CAM combination, user's float layers)."""
+    below ``target``, repair it; with ``report_dir``, write the per-layer report. ``quantize(nodes)``
+    re-quantizes the calibrated model with those tensors in float; ``kept_float`` are the tensors already
+    float (Grad-CAM combination, user's float layers)."""
     if not heldout.paths:
         say("note: no held-out images are left, so agreement with Keras was not checked (give --heldout)")
         return Checked(int8, None)
     images = augment.scanner_variants(heldout.images, seed)
+    described = f"{heldout_source}, {VARIANTS}"
     reference = repair.keras_probabilities(model, images, norm)
     check = repair.make_check(reference, images)
     before = check(int8)
@@ -101,9 +103,9 @@ def check_and_repair(model: Any, calibrated: bytes, int8: bytes, *, heldout: cal
         probe = repair.make_check(reference[:repair.PROBE_IMAGES], images[:repair.PROBE_IMAGES])
         outcome = repair.repair(int8, before, errors, quantize=quantize, check=check, probe=probe, time_ms=time_ms,
                                 target=target, size_budget=size_budget, latency_budget=latency_budget,
-                                heldout=heldout_source, say=say)
+                                heldout=described, say=say)
     else:
-        outcome = repair.Outcome(model=int8, target=target, before=before, after=before, heldout=heldout_source,
+        outcome = repair.Outcome(model=int8, target=target, before=before, after=before, heldout=described,
                                  size_budget=size_budget, latency_budget=latency_budget)
     files: list[Path] = []
     if report_dir is not None:

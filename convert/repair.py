@@ -3,7 +3,8 @@
 Why: a model published as an ImageNet base with a small trained head can change several answers in 100 in
 int8 (issue 16), and its user cannot tell which layers are to blame. The converter therefore checks every
 conversion: top-1 agreement of the int8 file with the Keras model on held-out images (never the
-calibration images), each with a scanner-style variation (`convert.agreement` says why). When it meets the target nothing happens, so models that convert well are untouched.
+calibration images), each with a scanner-style variation (`convert.agreement` says why). When it meets the
+target nothing happens, so models that convert well are untouched.
 
 When it falls short, parts of the graph are kept in float with builtin kernels, without a new calibration
 (`convert.converter.quantize` with a denylist). The unit is a tensor: the op producing it and the quantized

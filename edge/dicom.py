@@ -312,13 +312,10 @@ def _check_native_length(ds: Any, source: Path | BinaryIO) -> None:
     element's start, are compared with what Rows, Columns, Samples, Bits Allocated and the frame count need.
     """
     raw = next((ds.get_item(tag, keep_deferred=True) for tag in _PIXEL_TAGS if tag in ds), None)
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
-        return  # pydicom names the missing or invalid element when it decodes
-    if raw is None or getattr(raw, "value_tell", None) is None:
+    geometry = _geometry(ds)
+    if geometry is None or raw is None or getattr(raw, "value_tell", None) is None:
         return
+    rows, cols, samples, bits = geometry
     pixels = rows * cols * samples * _frame_count(ds)
     need = -(-pixels // 8) if bits == 1 else pixels * -(-bits // 8)
     if isinstance(source, Path):
@@ -333,16 +330,24 @@ def _check_native_length(ds: Any, source: Path | BinaryIO) -> None:
                          "header describes")
 
 
+def _geometry(ds: Any) -> tuple[int, int, int, int] | None:
+    """(Rows, Columns, Samples per Pixel, Bits Allocated) from the header, or None when one is missing or
+    invalid: the checks before decoding then stand aside, and pydicom names the element when it decodes."""
+    try:
+        return (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _check_frame_size(ds: Any, compressed: bool, max_pixels: int | None) -> bool:
     """The pixel limits of every other format, from the header; a compressed frame is decoded whole, so it must
     also fit `edge.decode.MAX_DECODED_BYTES`. True when the frame will be reduced."""
     from .decode import MAX_DECODED_BYTES, MAX_PIXELS, check_size
 
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
-        return False  # pydicom names the missing or invalid element when it decodes
+    geometry = _geometry(ds)
+    if geometry is None:
+        return False
+    rows, cols, samples, bits = geometry
     check_size(cols, rows, MAX_PIXELS if max_pixels is None else max_pixels, min_side=1)
     need = rows * cols * samples * -(-bits // 8)
     if compressed and rows * cols > reduce.WORK_PIXELS and need > MAX_DECODED_BYTES:

@@ -7,13 +7,15 @@ The model is trained briefly on synthetic scans of four textures (horizontal str
 vertical stripes, a checkerboard, flat; gray, since the device feeds an RGB model the grayscale image three
 times), so the float model answers each class with a clear margin. Textures rather than brightness levels:
 the agreement check measures scanner-style variants of the held-out scans (gain, contrast, gamma, blur,
-noise), which would move a brightness level into its neighbour's class but leave a texture what it is. Conversions are real and run in the real LiteRT interpreter.
+noise), which would move a brightness level into its neighbour's class but leave a texture what it is.
+Conversions are real and run in the real LiteRT interpreter.
 
 The repair's latency budget is set out of reach here: invoke times of a model this small are noise, and
 the tests must not depend on the machine's speed.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -71,30 +73,46 @@ def _scans(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=3)
 
 
-def small_model(outlier: bool) -> "keras.Model":
-    """The small CNN trained briefly on the textures and their scanner-style variants; with ``outlier``, the
-    middle convolution's first channel then becomes a constant 2,000 that the next layer ignores."""
-    from convert import augment
-
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = L.Rescaling(1 / 127.5, -1.0)(inputs)  # the "tf" normalisation, inside the model only while training
-    body = [L.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
+def _body() -> list:
+    """The small CNN's layers, after the input."""
+    return [L.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
             L.Conv2D(16, 3, padding="same", activation="relu", name="outlier"),
             L.Conv2D(16, 3, padding="same", activation="relu", name="features"),
             L.GlobalAveragePooling2D(name="gap"), L.Dense(len(LABELS), name="logits")]  # logits, no softmax
-    for layer in body:
+
+
+def _stack(x, layers: list):
+    for layer in layers:
         x = layer(x)
-    trainer = keras.Model(inputs, x)
+    return x
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_weights() -> tuple:
+    """The small CNN's weights after brief training on the textures and their scanner-style variants, once
+    per test session (every model of this file starts from them)."""
+    from convert import augment
+
+    keras.utils.set_random_seed(3)
+    body = _body()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    # the "tf" normalisation, inside the model only while training
+    trainer = keras.Model(inputs, _stack(L.Rescaling(1 / 127.5, -1.0)(inputs), body))
     images = _scans(np.arange(4 * PER_CLASS) % 4, seed=9)
     images = np.concatenate([images, augment.scanner_variants(images, seed=11)])
     trainer.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     trainer.fit(images.astype(np.float32), np.arange(len(images)) % 4, epochs=EPOCHS, batch_size=64, verbose=0)
-    model_inputs = keras.Input((SIZE, SIZE, 3))
-    y = model_inputs
-    for layer in body:
-        y = layer(y)
-    model = keras.Model(model_inputs, y)  # converted with --preprocess tf, as a published model would be
+    return tuple(layer.get_weights() for layer in body)
+
+
+def small_model(outlier: bool) -> "keras.Model":
+    """The small CNN, trained (`_trained_weights`); with ``outlier``, the middle convolution's first channel
+    then becomes a constant 2,000 that the next layer ignores."""
+    body = _body()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    model = keras.Model(inputs, _stack(inputs, body))  # converted with --preprocess tf, as a published model is
+    for layer, weights in zip(body, _trained_weights()):
+        layer.set_weights([w.copy() for w in weights])
     if outlier:
         kernel, bias = model.get_layer("outlier").get_weights()
         kernel[..., 0], bias[0] = 0.0, 2000.0

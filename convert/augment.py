@@ -68,6 +68,18 @@ def site_style(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) 
     return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < 0.33, t * low + (1.0 - t) * y, y)
 
 
+def edge_enhancement(x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
+    """The sharpening filter of many scanners' reconstructions and PACS exports, on 0..255 float pixels.
+
+    On half the images an unsharp mask, ``x + a (x - blur(x))`` with ``a`` in 0.5..2: edges gain an overshoot
+    and the noise already in the image is amplified into grain, as on an edge-enhanced export. ``normal`` is
+    unused; the signature is every pixel transform's.
+    """
+    b = ops.shape(x)[0]
+    amount = uniform((b, 1, 1, 1), 0.5, 2.0) * ops.cast(uniform((b, 1, 1, 1), 0.0, 1.0) < 0.5, "float32")
+    return ops.clip(x + amount * (x - ops.average_pool(x, 3, 1, "same")), 0.0, 255.0)
+
+
 class _RandomPixels(keras.layers.Layer):
     """A pixel-level random transform as a layer: random per image in training, the identity at inference."""
 
@@ -104,8 +116,13 @@ class SiteStyle(_RandomPixels):
 VARIANT_BATCH = 64
 
 
-def scanner_variants(images: Any, seed: int) -> Any:
-    """One seeded copy of each uint8 image [N, S, S, C] with a random :func:`intensity` change, as uint8.
+PixelTransform = Callable[[Any, Callable[..., Any], Callable[..., Any]], Any]
+#: The pixel changes of an export from another site (`convert.gate_calibration`'s variants).
+EXPORT_STYLE: tuple[PixelTransform, ...] = (intensity, edge_enhancement)
+
+
+def scanner_variants(images: Any, seed: int, transforms: tuple[PixelTransform, ...] = (intensity,)) -> Any:
+    """One seeded copy of each uint8 image [N, S, S, C] with random ``transforms`` applied in turn, as uint8.
 
     Why: the conversion check (`convert.agreement`) needs images whose answers the model was not fitted to.
     Held-out images from a training folder are, for most published models, images the head was trained on,
@@ -122,6 +139,8 @@ def scanner_variants(images: Any, seed: int) -> Any:
     out = np.empty_like(np.asarray(images, np.uint8))
     for start in range(0, len(out), VARIANT_BATCH):
         batch = np.asarray(images[start:start + VARIANT_BATCH], np.float32)
-        changed = np.asarray(intensity(batch, uniform, normal))
+        for transform in transforms:
+            batch = transform(batch, uniform, normal)
+        changed = np.asarray(batch)
         out[start:start + VARIANT_BATCH] = np.clip(np.round(changed), 0, 255).astype(np.uint8)
     return out

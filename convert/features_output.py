@@ -80,9 +80,12 @@ def find_features(model: Any, probabilities: str = "probabilities") -> int:
 
 def find_layer(model: Any, layer: str) -> int:
     """Index of the last tensor written by the ops of Keras layer ``layer`` (op output names carry the layer
-    name as a path component, possibly with a ``_N`` suffix: ``.../b2_out_1/Relu;...``). Must be a 4-D map."""
+    name as a path component, possibly with a ``_N`` suffix: ``.../b2_out_1/Relu;...``). Must be a 4-D map.
+
+    The name must be followed by ``/`` (an op inside the layer): an op of the same name inside another layer,
+    such as ``.../block14_sepconv2_bn_1/batchnorm/add_1`` for Xception's layer ``add_1``, is not the layer."""
     graph = model.subgraphs[0]
-    pattern = re.compile(rf"(^|[/;]){re.escape(layer)}(_\d+)?(/|;|$)")
+    pattern = re.compile(rf"(^|[/;]){re.escape(layer)}(_\d+)?/")
     found = [int(out) for op in graph.operators for out in op.outputs
              if out >= 0 and pattern.search(_name(graph.tensors[out].name))]
     if not found:

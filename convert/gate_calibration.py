@@ -4,16 +4,21 @@ Host side, once per model: the features of every training scan go through the de
 (`edge.Classifier` on the model file, so decode, crop and int8 arithmetic are the device's), and
 
 1. the references are the training data's groups: each class folder, and each extra healthy source (a flat
-   folder such as IXI ``train/``);
+   folder such as IXI ``train/``); every scan counts twice, as read and as one seeded export-style variant
+   (:func:`export_variant`: reduced to one or two model inputs, then gain, contrast, gamma, blur, noise and
+   edge enhancement), because scans from another site differ from the training sources in just these ways
+   and a gate fitted on the scans as read refers real MRI of other sources for them;
 2. a share of each reference is held out (whole near-duplicate groups of the class folders when an
-   ``edge-dedup`` file is given, whole subjects of a flat folder), never seen by the fit;
+   ``edge-dedup`` file is given, whole subjects of a flat folder; a scan's variant goes with it), never
+   seen by the fit;
 3. the fit is a Mahalanobis distance to the nearest reference mean with one covariance shared by all
    (Lee et al. 2018), kept as its leading principal directions plus one variance for the rest
    (:class:`edge.gate.OodGate`), so the parameters stay a few hundred kB;
 4. the threshold is the distance below which every reference keeps ``quantile`` percent of its held-out
    scans (the largest of the references' percentiles), so that no class pays for the others with a long
    tail of its own (meningioma slices sit farthest out); the share of each held-out reference above it is
-   measured and recorded.
+   measured and recorded, and so is how steady the layer is (``variants_referred_unseen``: the held-out
+   variants that a gate fitted on the scans as read alone refers), the figure to choose ``--layer`` by.
 
 Only training folders are accepted: the validation-only folders (``external-dev``, IXI ``dev``) are refused
 by name (`convert.training_sources.check_trainable`), as for training. Features are cached under
@@ -45,6 +50,10 @@ HOLDOUT = 0.2
 QUANTILE = 99.0
 #: Fewer in-distribution scans than this give no gate: the held-out quantile would be a guess.
 MIN_IMAGES = 500
+#: Seeds the export-style variant of each reference's scans (times the reference's place, plus ``seed``).
+VARIANT_SEED = 1000
+#: Names the variant recipe in feature cache files, so a changed recipe never reuses old variants.
+VARIANT_RECIPE = "export-v2"
 
 Progress = Callable[[Sequence[Path], str], Iterable[Path]]
 
@@ -107,11 +116,14 @@ def split(ref: Reference, fraction: float = HOLDOUT, seed: int = 0) -> tuple[np.
 
 
 def features(model_path: Path, paths: Sequence[Path], *, cache_dir: Path | None, label: str = "",
-             progress: Progress | None = None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, D] float32, readable [N] bool) of every path, through `edge.Classifier` on the file.
+             progress: Progress | None = None, threads: int | None = None,
+             prepare: Callable[[Path, int], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D] float32, readable [N] bool) of every path, through `edge.Classifier` on the file
+    (or on ``prepare(path, index)``, an image made from it).
 
     An unreadable scan gets a row of zeros and False. The cache key is the model's weights checksum plus
-    its features output, so a file whose metadata changed (the gate embedded) reuses its own features.
+    its features output, so a file whose metadata changed (the gate embedded) reuses its own features;
+    ``label`` tells prepared images from the files as read.
     """
     from edge import Classifier
 
@@ -126,9 +138,9 @@ def features(model_path: Path, paths: Sequence[Path], *, cache_dir: Path | None,
             return data["features"], data["readable"]
     rows, readable = [], []
     width = clf._features_width
-    for path in (progress(paths, label) if progress else paths):
+    for index, path in enumerate(progress(paths, label) if progress else paths):
         try:
-            rows.append(clf.classify(path).features)
+            rows.append(clf.classify(path if prepare is None else prepare(path, index)).features)
             readable.append(True)
         except Exception:  # one unreadable training file must not stop a calibration; it is counted
             rows.append(np.zeros(width, np.float32))
@@ -138,6 +150,46 @@ def features(model_path: Path, paths: Sequence[Path], *, cache_dir: Path | None,
         cached.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cached, features=out[0], readable=out[1])
     return out
+
+
+def export_variant(image: np.ndarray, side: int, seed: int, index: int) -> np.ndarray:
+    """One export-style variant of a decoded scan, uint8, for a model whose input is ``side`` px.
+
+    The scan is reduced to a random size between one and two model inputs (a small export: another site's
+    viewer or PACS) and then changed by `convert.augment.scanner_variants` with `convert.augment.EXPORT_STYLE`
+    (gain, contrast, gamma, blur, noise, then edge enhancement on half of them). Why the reduction comes first:
+    exports come in every size, and a change of noise, blur or sharpness made on a larger scan is partly
+    averaged away when the device resizes it to the model's input, while on a small export it is not (the
+    Kaggle scans are 224 px, custom-cnn reads 96 px). ``seed`` and ``index`` (the scan's place) seed it.
+    """
+    from PIL import Image
+
+    from convert import augment
+
+    if image.dtype != np.uint8:  # DICOM and 16-bit scans decode to float in [0, 255]
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    longest = int(np.random.default_rng((seed, index)).integers(side, 2 * side + 1))
+    scale = longest / max(image.shape[:2])
+    if scale < 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+    stacked = image[None, ..., None] if image.ndim == 2 else image[None]
+    changed = augment.scanner_variants(stacked, seed + index, augment.EXPORT_STYLE)[0]
+    return changed[..., 0] if image.ndim == 2 else changed
+
+
+def variant_features(model_path: Path, paths: Sequence[Path], seed: int, *, cache_dir: Path | None,
+                     label: str = "", progress: Progress | None = None,
+                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`features` of the :func:`export_variant` of each scan (seeded by ``seed`` and its place in ``paths``),
+    decoded as the device decodes it."""
+    from edge import Classifier
+    from edge.decode import decode
+
+    side = Classifier(model_path, threads=1).spec.input_size
+    return features(model_path, paths, cache_dir=cache_dir, label=f"{label or 'features'}-{VARIANT_RECIPE}-{seed}",
+                    progress=progress, threads=threads,
+                    prepare=lambda path, index: export_variant(np.asarray(decode(path)), side, seed, index))
 
 
 def _cache_key(clf: Any, paths: Sequence[Path]) -> str:
@@ -166,6 +218,22 @@ def fit(x: np.ndarray, y: np.ndarray, components: int = COMPONENTS) -> OodGate:
                    np.maximum(values[:k], residual).astype(np.float32), residual, 1.0)
 
 
+def _variants_referred_unseen(xs: list[np.ndarray], held_x: list[np.ndarray], components: int,
+                              quantile: float) -> float:
+    """Share of the held-out variants that a gate fitted and thresholded on the scans as read only refers.
+
+    Why: it measures, from training data alone, how far a scanner-style change moves a layer's features
+    against the spread of real scans, and so tells a steady layer for ``--layer`` from a brittle one (on the
+    bundled Xception it ranked the layers as the external sets did: the model card's "Input gate").
+    ``xs`` and ``held_x`` alternate each reference's scans as read and their variants, in reference order.
+    """
+    as_read, variants = xs[0::2], held_x[1::2]
+    plain = fit(np.concatenate(as_read), np.concatenate([np.full(len(x), i) for i, x in enumerate(as_read)]),
+                components)
+    threshold = max(float(np.percentile(plain.squared_distances(h), quantile)) for h in held_x[0::2])
+    return float(np.mean(plain.squared_distances(np.concatenate(variants)) > threshold))
+
+
 def calibrate(model_path: Path, folders: Sequence[Path], *, dedup: Path | None = None,
               components: int = COMPONENTS, quantile: float = QUANTILE, cache_dir: Path | None = None,
               progress: Progress | None = None, threads: int | None = None, seed: int = 0) -> dict[str, Any]:
@@ -181,15 +249,17 @@ def calibrate(model_path: Path, folders: Sequence[Path], *, dedup: Path | None =
     for index, ref in enumerate(refs):
         x, ok = features(model_path, ref.paths, cache_dir=cache_dir, label=ref.name, progress=progress,
                          threads=threads)
+        xv, ok_v = variant_features(model_path, ref.paths, VARIANT_SEED * (index + 1) + seed,
+                                    cache_dir=cache_dir, label=ref.name, progress=progress, threads=threads)
         fit_idx, held_idx = split(ref, seed=seed)
-        fit_idx, held_idx = fit_idx[ok[fit_idx]], held_idx[ok[held_idx]]
-        xs.append(x[fit_idx])
-        ys.append(np.full(len(fit_idx), index))
-        held_x.append(x[held_idx])
-        held_y.append(np.full(len(held_idx), index))
-        counts.append({"reference": ref.name, "images": len(ref.paths), "unreadable": int((~ok).sum()),
+        fit_idx, held_idx = fit_idx[ok[fit_idx] & ok_v[fit_idx]], held_idx[ok[held_idx] & ok_v[held_idx]]
+        xs += [x[fit_idx], xv[fit_idx]]
+        ys.append(np.full(2 * len(fit_idx), index))
+        held_x += [x[held_idx], xv[held_idx]]
+        held_y.append(np.full(2 * len(held_idx), index))
+        counts.append({"reference": ref.name, "images": len(ref.paths), "unreadable": int((~(ok & ok_v)).sum()),
                        "fit": len(fit_idx), "held_out": len(held_idx)})
-    total = sum(c["fit"] + c["held_out"] for c in counts)
+    total = sum(c["fit"] + c["held_out"] for c in counts)  # scans; each is fitted or held out twice
     if total < MIN_IMAGES:
         raise ValueError(f"the gate needs at least {MIN_IMAGES} readable training scans, the folders hold {total}")
     gate = fit(np.concatenate(xs), np.concatenate(ys), components)
@@ -197,9 +267,12 @@ def calibrate(model_path: Path, folders: Sequence[Path], *, dedup: Path | None =
     which = np.concatenate(held_y)
     distances = gate.squared_distances(held)
     threshold = max(float(np.percentile(distances[which == i], quantile)) for i in range(len(refs)))
+    unseen = _variants_referred_unseen(xs, held_x, components, quantile)
     for index, entry in enumerate(counts):
-        mine = distances[which == index]
-        entry["held_out_referred"] = int((mine > threshold).sum())
+        mine = distances[which == index].reshape(2, -1)  # the scans as read, then their variants
+        entry["held_out_referred"] = int((mine[0] > threshold).sum())
+        entry["held_out_variants_referred"] = int((mine[1] > threshold).sum())
+    held_scans = max(1, sum(c["held_out"] for c in counts))
     return {
         "method": METHOD,
         "features": "features",
@@ -212,7 +285,12 @@ def calibrate(model_path: Path, folders: Sequence[Path], *, dedup: Path | None =
         "calibration": {
             "folders": [str(f) for f in folders], "dedup": str(dedup) if dedup else None,
             "components": int(gate.basis.shape[1]), "quantile": quantile, "holdout": HOLDOUT, "seed": seed,
-            "held_out_referred": round(float((distances > threshold).mean()), 5), "per_reference": counts,
+            "variants": "each scan as read and one export-style variant (reduced to 1-2 model inputs; gain, "
+                        "contrast, gamma, blur, noise, edge enhancement: convert.augment.EXPORT_STYLE)",
+            "held_out_referred": round(sum(c["held_out_referred"] for c in counts) / held_scans, 5),
+            "held_out_variants_referred": round(sum(c["held_out_variants_referred"] for c in counts) / held_scans, 5),
+            "variants_referred_unseen": round(unseen, 5),
+            "per_reference": counts,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
     }

@@ -35,9 +35,11 @@ def main() -> None:
 
     The gate (edge/gate.py) runs on the device in the same invoke as the verdict: a scan whose network
     features lie far from every training reference (each class, each extra healthy source) is referred,
-    with no verdict. `calibrate` adds the features output to a model that lacks it (the bundled models,
-    whose Keras sources are not kept) by editing the flatbuffer, without touching a weight, and checks
-    that probabilities and heatmaps stay bit-identical.
+    with no verdict. Each training scan counts as read and as one export-style variant (reduced to one
+    or two model inputs; gain, contrast, gamma, blur, noise, edge enhancement), so that real MRI from
+    another site is not referred for those differences. `calibrate` adds the features output to a model
+    that lacks it (the bundled models, whose Keras sources are not kept) by editing the flatbuffer,
+    without touching a weight, and checks that probabilities and heatmaps stay bit-identical.
 
     \b
     Examples:
@@ -64,13 +66,17 @@ def main() -> None:
                    "healthy scans (one reference; held out by subject). Repeatable. Validation-only data is refused.")
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path), help="Output .tflite path.")
 @click.option("--layer", help="Keras layer whose feature map (averaged over positions) is scored, instead of the "
-                              "logit layer's input, e.g. b2_out.")
+                              "logit layer's input, e.g. b2_out. To choose one, calibrate with each candidate and "
+                              "keep the layer whose 'variants referred by a gate fitted without them' is lowest "
+                              "(a steady layer) among those that still refer every non-MRI input "
+                              "(edge-gate measure --not-mri).")
 @click.option("--dedup", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
               help="edge-dedup report: near-duplicate training scans are held out together.")
 @click.option("--components", default=16, show_default=True, type=click.IntRange(1, 512),
               help="Principal directions of the shared covariance kept (the rest is one variance).")
 @click.option("--quantile", default=99.0, show_default=True, type=click.FloatRange(50, 100),
-              help="Every reference keeps this percentage of its held-out training scans below the threshold "
+              help="Every reference keeps this percentage of its held-out training scans (as read and as variants) "
+                   "below the threshold "
                    "(the threshold is the largest of the references' percentiles).")
 @click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=Path("cache"),
               show_default=True, help="Where the training scans' features are cached.")
@@ -103,11 +109,15 @@ def calibrate(model: Path, folders: tuple[Path, ...], out: Path, layer: str | No
     click.echo(f"features: {summary['features']['layer']}, {summary['features']['shape']}; weights unchanged "
                f"(sha256 {summary['weights']['sha256'][:16]}...)")
     click.echo(f"gate: {cal['components']} components, threshold {summary['gate']['threshold']:.4g} (every reference "
-               f"keeps {cal['quantile']}% of its held-out scans below it); held out referred: "
-               f"{100 * cal['held_out_referred']:.2f}%")
+               f"keeps {cal['quantile']}% of its held-out scans and their variants below it); held out "
+               f"referred: {100 * cal['held_out_referred']:.2f}% as read, "
+               f"{100 * cal['held_out_variants_referred']:.2f}% as export-style variants")
+    click.echo(f"layer steadiness: {100 * cal['variants_referred_unseen']:.1f}% of the held-out variants referred by a "
+               f"gate fitted without them (lower: a scanner change moves this layer's features less)")
     for ref in cal["per_reference"]:
-        click.echo(f"  {ref['reference']}: fit {ref['fit']}, held out {ref['held_out']}, "
-                   f"referred {ref['held_out_referred']}, unreadable {ref['unreadable']}")
+        click.echo(f"  {ref['reference']}: fit {ref['fit']}, held out {ref['held_out']}, referred "
+                   f"{ref['held_out_referred']} as read and {ref['held_out_variants_referred']} as variants, "
+                   f"unreadable {ref['unreadable']}")
     check = summary["identical"]
     click.echo(f"probabilities and heatmaps bit-identical to {model.name} on {check['images']} scans")
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from .backend import load_interpreter
-from .decode import Source, describe, iter_decoded
+from .decode import Frame, Source, describe, iter_decoded
 from .errors import InputError, ModelError
-from .gate import OUT_OF_DISTRIBUTION, OK, OodGate, check_image, message, status_of
+from .gate import OUT_OF_DISTRIBUTION, OK, OodGate, check_header, check_image, message, status_of
 from .model_file import ModelSpec, read_spec
 from .preprocess import PIPELINES, Geometry, heatmap_to_image, prepare_with_geometry
 from .registry import resolve
@@ -165,10 +165,10 @@ class Classifier:
         while True:
             start = perf_counter()
             try:
-                suffix, image = next(frames)
+                decoded = next(frames)
             except StopIteration:
                 return
-            yield self._classify_image(image, source, suffix, (perf_counter() - start) * 1000.0)
+            yield self._classify_image(decoded, source, (perf_counter() - start) * 1000.0)
 
     def classify_input(self, pixels: np.ndarray) -> Result:
         """Classify an already-prepared model input, uint8 [S, S, C] as :func:`edge.preprocess.prepare` returns it.
@@ -184,12 +184,13 @@ class Classifier:
                              f"{pixels.dtype.name} {list(pixels.shape)}")
         return self._run(pixels, perf_counter(), 0.0, "<model input>", "", None, None, None)
 
-    def _classify_image(self, image: np.ndarray, source: str, suffix: str, decode_ms: float) -> Result:
+    def _classify_image(self, decoded: Frame, source: str, decode_ms: float) -> Result:
         t0 = perf_counter()
         spec = self.spec
-        refusal = check_image(image)
+        image = decoded.image
+        refusal = check_header(decoded.modality, decoded.body_part) or check_image(image)
         pixels, geometry = prepare_with_geometry(image, spec.input_size, spec.channels, spec.pipeline)
-        return self._run(pixels, t0, decode_ms, source, suffix, image, geometry, refusal)
+        return self._run(pixels, t0, decode_ms, source, decoded.suffix, image, geometry, refusal)
 
     def _run(self, pixels: np.ndarray, t0: float, decode_ms: float, source: str, suffix: str,
              image: np.ndarray | None, geometry: Geometry | None, refusal: str | None) -> Result:

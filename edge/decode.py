@@ -22,7 +22,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, NamedTuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,6 +32,20 @@ from .errors import InputError, TransientInputError
 from .quiet import warnings_ignored
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+class Frame(NamedTuple):
+    """One decoded image, with what its file says it shows.
+
+    ``modality`` and ``body_part`` are the DICOM header's Modality and Body Part Examined (None when the
+    file is not DICOM or leaves them empty): a header that says CT, or ABDOMEN, tells the input gate
+    (`edge.gate.check_header`) more surely than any pixel statistic that the scan is not a brain MRI.
+    """
+
+    suffix: str  # '' except for frames of a multi-frame DICOM: '[frame 3]'
+    image: np.ndarray
+    modality: str | None = None
+    body_part: str | None = None
 
 #: Largest image accepted, in pixels. Real MRI slices are under 1 Mpx; a 50 Mpx 16-bit image already needs
 #: ~600 MB once converted to float, most of a small board's memory. Guards against decompression bombs.
@@ -69,16 +83,16 @@ def decode(source: Source, *, frame: int = 0, window: tuple[float, float] | None
 
 
 def decode_frames(source: Source, *, frame: int | None = 0, window: tuple[float, float] | None = None,
-                  max_pixels: int = MAX_PIXELS) -> list[tuple[str, np.ndarray]]:
-    """Every pair `iter_decoded` yields, as a list."""
+                  max_pixels: int = MAX_PIXELS) -> list[Frame]:
+    """Every frame `iter_decoded` yields, as a list."""
     return list(iter_decoded(source, frame=frame, window=window, max_pixels=max_pixels))
 
 
 def iter_decoded(source: Source, *, frame: int | None = 0, window: tuple[float, float] | None = None,
-                 max_pixels: int = MAX_PIXELS) -> Iterator[tuple[str, np.ndarray]]:
-    """Decode ``source`` into ``(suffix, image)`` pairs: one pair, or one per DICOM frame when ``frame`` is None.
+                 max_pixels: int = MAX_PIXELS) -> Iterator[Frame]:
+    """Decode ``source`` into frames (:class:`Frame`): one, or one per DICOM frame when ``frame`` is None.
 
-    ``suffix`` is '' except for frames of a multi-frame DICOM ('[frame 3]'). ``frame`` and ``window``
+    ``frame`` and ``window``
     (centre, width) only matter for DICOM; other formats have a single image and no window. Frames come one
     at a time (`edge.dicom.iter_frames`), so memory does not grow with a file's frame count.
     """
@@ -88,9 +102,9 @@ def iter_decoded(source: Source, *, frame: int | None = 0, window: tuple[float, 
         raise InputError("'': empty path (no file named)")
     try:
         if isinstance(source, np.ndarray):
-            yield "", _from_ndarray(source)
+            yield Frame("", _from_ndarray(source))
         elif isinstance(source, Image.Image):
-            yield "", _from_image(source, max_pixels, own=False)
+            yield Frame("", _from_image(source, max_pixels, own=False))
         elif isinstance(source, (bytes, bytearray, memoryview)):
             yield from _decode_bytes(bytes(source), frame, window, max_pixels)
         elif isinstance(source, (str, os.PathLike)):
@@ -103,7 +117,7 @@ def iter_decoded(source: Source, *, frame: int | None = 0, window: tuple[float, 
 
 
 def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | None,
-                 max_pixels: int) -> Iterator[tuple[str, np.ndarray]]:
+                 max_pixels: int) -> Iterator[Frame]:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -121,8 +135,8 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
     from . import dicom
 
     if dicom.is_dicom(path):
-        for suffix, image in dicom.iter_frames(path, frame, window, max_pixels):
-            yield suffix, _check_decoded(image)
+        for decoded in dicom.iter_frames(path, frame, window, max_pixels):
+            yield decoded._replace(image=_check_decoded(decoded.image))
         return
     try:
         fh = path.open("rb")
@@ -138,21 +152,21 @@ def _decode_path(path: Path, frame: int | None, window: tuple[float, float] | No
                 raise TransientInputError(f"cannot read the file ({exc.strerror or exc})") from None
             # Pillow's own OSErrors (no errno) are about the data: the file's fault
             raise InputError(f"truncated or corrupt image data ({_first_line(exc)})") from None
-    yield "", image
+    yield Frame("", image)
 
 
 def _decode_bytes(data: bytes, frame: int | None, window: tuple[float, float] | None,
-                  max_pixels: int) -> Iterator[tuple[str, np.ndarray]]:
+                  max_pixels: int) -> Iterator[Frame]:
     if not data:
         raise InputError("no data (0 bytes)")
     if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
         # Read from memory (pydicom seeks in a file object as in a file): in-memory data never touches disk.
         from . import dicom
 
-        for suffix, image in dicom.iter_frames(io.BytesIO(data), frame, window, max_pixels):
-            yield suffix, _check_decoded(image)
+        for decoded in dicom.iter_frames(io.BytesIO(data), frame, window, max_pixels):
+            yield decoded._replace(image=_check_decoded(decoded.image))
         return
-    yield "", _open(io.BytesIO(data), max_pixels)
+    yield Frame("", _open(io.BytesIO(data), max_pixels))
 
 
 def _open(fh: BinaryIO, max_pixels: int) -> np.ndarray:

@@ -28,12 +28,15 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from . import reduce
 from .errors import DicomError, MissingDecoderError, TransientInputError, install_hint
+
+if TYPE_CHECKING:
+    from .decode import Frame
 
 SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -97,7 +100,7 @@ def sop_instance_uid(path: Path) -> str | None:
 def read_frames(
     path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None,
     max_pixels: int | None = None,
-) -> list[tuple[str, np.ndarray]]:
+) -> list[Frame]:
     """Every frame `iter_frames` yields, as a list: for one frame, or for callers that need them all at once."""
     return list(iter_frames(path, frame, window, max_pixels))
 
@@ -105,12 +108,13 @@ def read_frames(
 def iter_frames(
     path: Path | BinaryIO, frame: int | None = 0, window: tuple[float, float] | None = None,
     max_pixels: int | None = None,
-) -> Iterator[tuple[str, np.ndarray]]:
+) -> Iterator[Frame]:
     """Decode one frame (default the first) or every frame (`frame=None`) of a DICOM file, or of a seekable
     binary file object holding one (an upload kept in memory, so that nothing is written to disk).
 
-    Yields `(suffix, image)` pairs: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
-    same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready.
+    Yields `edge.decode.Frame` tuples: suffix is '' for a single-frame file and '[frame N]' (N from 0, the
+    same numbering as `frame`) for a multi-frame one; image is 2-D float32 in [0, 255], display-ready;
+    modality and body part as the header gives them (upper case, None when absent or empty).
     `window=(centre, width)` overrides the file's window (linear VOI function, in rescaled units such as
     Hounsfield units); it applies to grayscale images only.
 
@@ -125,9 +129,12 @@ def iter_frames(
     # pydicom converts element values lazily and warns with the raw value on bad ones, so every access to
     # the dataset, not only the read, happens with its warnings and log records silenced; never across a
     # yield, which would silence the consumer's code too.
+    from .decode import Frame
+
     source = path if hasattr(path, "read") else Path(path)
     with _quiet(), _no_context():
         ds, indices, single = _open_frames(source, frame, window)
+        modality, body_part = _coded(ds, "Modality"), _coded(ds, "BodyPartExamined")
     for index in indices:
         with _quiet(), _no_context():
             try:
@@ -138,7 +145,7 @@ def iter_frames(
                 raise type(exc)(f"frame {index}: {exc}") from None
             image = _display(raw, ds, index, window)
         del raw
-        yield ("" if single else f"[frame {index}]", image)
+        yield Frame("" if single else f"[frame {index}]", image, modality, body_part)
 
 
 def _open_frames(path: Path | BinaryIO, frame: int | None,
@@ -229,6 +236,14 @@ def _read_dataset(path: Path | BinaryIO) -> Any:
             ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
         )
     return ds
+
+
+def _coded(ds: Any, keyword: str) -> str | None:
+    """A coded string element (Modality, Body Part Examined) in upper case, or None when absent or empty.
+    These carry defined terms, not patient data; a value that is not a short code is dropped, since a
+    corrupt file can hold anything there."""
+    value = str(ds.get(keyword) or "").strip().upper()
+    return value if value and len(value) <= 16 and re.fullmatch(r"[A-Z0-9 _]+", value) else None
 
 
 def _frame_count(ds: Any) -> int:

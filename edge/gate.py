@@ -4,6 +4,9 @@ A classifier answers everything with one of its labels, and it answers a blank e
 wrong screen or a CT as confidently as a scan (an all-black PNG got "notumor 99.6%"). Two checks stop
 that, both on the device and both cheap:
 
+- :func:`check_header` refuses a DICOM file whose header says it is not a brain MRI: another modality
+  (CT, ultrasound, nuclear medicine, a segmentation) or another body part (abdomen, knee). The scanner
+  wrote that, so it is surer than any look at the pixels, and it costs nothing.
 - :func:`check_image` refuses inputs that cannot be a brain slice, from a reduced copy of the decoded
   image: one flat value, almost no contrast, far too elongated, colour, no head. Each refusal is a short
   stable code (:data:`REASONS`) with a plain sentence.
@@ -38,7 +41,23 @@ REASONS: dict[str, tuple[str, str]] = {
     "aspect_ratio": (REFUSED, "The image is far too elongated for a brain slice: refused, no verdict"),
     "colour": (REFUSED, "The image is in colour; MRI is grayscale: refused, no verdict"),
     "no_head": (REFUSED, "No head found in the image: refused, no verdict"),
+    "other_modality": (REFUSED, "The DICOM header says this is not an MR image (e.g. CT or ultrasound): "
+                                "refused, no verdict"),
+    "other_body_part": (REFUSED, "The DICOM header names a body part other than the head: refused, no verdict"),
 }
+
+#: DICOM Modality values a brain MRI slice may carry: MR itself, and OT (other), which secondary captures
+#: and many exports of MR images use. Any other modality named in a header is refused.
+MR_MODALITIES = frozenset({"MR", "OT"})
+#: Body Part Examined values (DICOM PS3.16 CID 4031 terms, spaces and underscores removed) that cannot be a
+#: brain slice. A list of what is refused rather than of what is accepted: headers of head scans carry
+#: "HEAD", "BRAIN", local-language words and protocol names, and an unknown value must not refuse a scan.
+NOT_HEAD = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "ANKLE", "ARM", "BREAST", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "CLAVICLE",
+    "COCCYX", "CSPINE", "ELBOW", "EXTREMITY", "FEMUR", "FINGER", "FOOT", "FOREARM", "HAND", "HEART", "HIP",
+    "HUMERUS", "KIDNEY", "KNEE", "LEG", "LIVER", "LSPINE", "LUNG", "PANCREAS", "PELVIS", "PROSTATE", "SACRUM",
+    "SHOULDER", "SPINE", "SSPINE", "TSPINE", "THIGH", "THORAX", "TLSPINE", "UTERUS", "WRIST",
+})
 
 #: The checks look at a copy strided down to about this many pixels on the longer side: enough for
 #: percentiles and a head outline, and the same cost for a 64 px scan and a 7000 px photo.
@@ -64,6 +83,16 @@ def message(reason: str | None) -> str | None:
 def status_of(reason: str | None) -> str:
     """The record status a reason gives: ``ok`` for None, else ``refer`` or ``refused``."""
     return OK if reason is None else REASONS[reason][0]
+
+
+def check_header(modality: str | None, body_part: str | None) -> str | None:
+    """A refusal code from a DICOM header's Modality and Body Part Examined (upper case, as
+    `edge.decode.Frame` carries them), or None; absent values refuse nothing."""
+    if modality is not None and modality not in MR_MODALITIES:
+        return "other_modality"
+    if body_part is not None and body_part.replace(" ", "").replace("_", "") in NOT_HEAD:
+        return "other_body_part"
+    return None
 
 
 def check_image(image: np.ndarray) -> str | None:

@@ -189,3 +189,65 @@ def test_bundled_models_carry_the_gate_and_its_measured_rates(model: str):
     assert all("external-dev" not in f and "dev" != Path(f).name for f in cal["folders"]), "training data only"
     card = resolve(model).with_suffix(".md").read_text(encoding="utf-8")
     assert "## Input gate" in card and f"{meta['gate']['threshold']:.4g}" in card
+    layer = meta["outputs"]["features"]["layer"].split()[0]
+    assert f"`{layer}`" in card and f"{cal['components']} components" in card, "the card names the shipped layer"
+    assert cal["variants_referred_unseen"] <= 0.02, "a steady layer (edge-gate calibrate --layer)"
+
+
+def _scan_as_dicom(scan: Path, out: Path, **header: str | None) -> Path:
+    """A real scan's pixels in an MR DICOM file (pydicom's MR_small.dcm as the template, its window and
+    rescale removed) with some header elements set (None deletes one)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    gray = np.asarray(Image.open(scan).convert("L"), np.uint16)
+    ds.Rows, ds.Columns = gray.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = gray.tobytes()
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "BodyPartExamined"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword, value in header.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_dicom_header_that_names_another_modality_or_body_part_is_refused(run_cli, sample_scans: list[Path],
+                                                                              tmp_path: Path, model: str):
+    """The same brain MRI pixels in six DICOM files that differ only in Modality and Body Part Examined: what
+    the scanner wrote decides CT and abdomen; a head, an unknown local word, no body part or an OT
+    (secondary capture) export leave the verdict to the pixels, which answer it."""
+    scan = sample_scans[0]
+    cases = {"mr-head": ({"BodyPartExamined": "HEAD"}, "ok", None),
+             "mr-kopf": ({"BodyPartExamined": "KOPF"}, "ok", None),
+             "mr-none": ({}, "ok", None),
+             "ot": ({"Modality": "OT"}, "ok", None),
+             "ct-head": ({"Modality": "CT", "BodyPartExamined": "HEAD"}, "refused", "other_modality"),
+             "mr-abdomen": ({"BodyPartExamined": "ABDOMEN"}, "refused", "other_body_part"),
+             "mr-l-spine": ({"BodyPartExamined": "L SPINE"}, "refused", "other_body_part")}
+    files = [_scan_as_dicom(scan, tmp_path / f"{name}.dcm", **header) for name, (header, _, _) in cases.items()]
+    done = run_cli(*files, "--model", model, "--json")
+    records = {Path(r["source"]).stem: r for r in map(json.loads, done.stdout.splitlines())}
+    assert done.returncode == 3, done.stderr
+    for name, (_, status, reason) in cases.items():
+        r = records[name]
+        assert (r["status"], r["reason"]) == (status, reason), name
+        if status == "ok":
+            assert r["label"] == records["mr-head"]["label"], name
+        else:
+            assert r["label"] is None and r["message"] == gate.REASONS[reason][1]
+
+
+def test_check_header_rules():
+    assert gate.check_header(None, None) is None
+    assert gate.check_header("MR", "BRAIN") is None and gate.check_header("OT", None) is None
+    assert gate.check_header("MR", "HEADNECK") is None, "an unknown or partly-head value refuses nothing"
+    assert gate.check_header("US", "HEAD") == "other_modality" and gate.check_header("SEG", None) == "other_modality"
+    assert gate.check_header("MR", "KNEE") == "other_body_part"
+    assert gate.check_header("MR", "T_SPINE") == "other_body_part"

@@ -196,6 +196,27 @@ def test_scanner_variants_are_seeded_uint8_and_change_every_image() -> None:
     assert len(np.unique(np.round(changed, 3))) > 0.9 * len(x), "a draw per image, across batches too"
 
 
+def test_edge_enhancement_sharpens_half_the_images_and_keeps_flat_regions() -> None:
+    """An unsharp mask: across a step edge the enhanced images overshoot on both sides (brighter than the
+    bright side, darker than the dark side), flat regions stay as they were, and about half the images are
+    left alone."""
+    from convert import augment
+
+    x = np.full((200, 16, 16, 1), 80.0, np.float32)
+    x[:, :, 8:] = 160.0
+    rng = np.random.default_rng(0)
+    y = np.asarray(augment.edge_enhancement(
+        x, lambda shape, lo, hi: rng.uniform(lo, hi, shape).astype(np.float32),
+        lambda shape: rng.standard_normal(shape).astype(np.float32)))
+    changed = np.abs(y - x).max(axis=(1, 2, 3)) > 0
+    assert 0.35 < changed.mean() < 0.65
+    edge = y[changed][:, 4:12, 6:10, 0]
+    assert (edge.max(axis=(1, 2)) > 160 + 0.5 * 80 / 3 - 1e-3).all()
+    assert (edge.min(axis=(1, 2)) < 80 - 0.5 * 80 / 3 + 1e-3).all()
+    np.testing.assert_allclose(y[:, 4:12, 1:5], x[:, 4:12, 1:5])
+    np.testing.assert_allclose(y[:, 4:12, 11:15], x[:, 4:12, 11:15])
+
+
 MASKS = Path(__file__).parent / "data" / "mri_sample_masks"
 IXI = Path(__file__).parent / "data" / "ixi_sample"
 

@@ -128,7 +128,8 @@ def scanner_variants(images: Any, seed: int, transforms: tuple[PixelTransform, .
     Held-out images from a training folder are, for most published models, images the head was trained on,
     and int8 changes far fewer of their answers than of new scans' (issue 16's frozen-base Xception: 1.3% of
     held-out `Training/` answers, 3.4% on the test split). The same images with a scanner-style change of gain,
-    contrast, gamma, blur and noise lose about as many as the test split (3.3%), with no new data.
+    contrast, gamma, blur and noise lose about as many as the test split (3.3%), with no new data. The input
+    gate's calibration (`convert.gate_calibration.export_variant`) applies :data:`EXPORT_STYLE` instead.
     """
     import numpy as np
     import tensorflow as tf

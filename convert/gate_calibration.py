@@ -183,10 +183,10 @@ def variant_features(model_path: Path, paths: Sequence[Path], seed: int, *, cach
                      threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`features` of the :func:`export_variant` of each scan (seeded by ``seed`` and its place in ``paths``),
     decoded as the device decodes it."""
-    from edge import Classifier
     from edge.decode import decode
+    from edge.model_file import read_spec
 
-    side = Classifier(model_path, threads=1).spec.input_size
+    side = read_spec(Path(model_path).read_bytes()).input_size
     return features(model_path, paths, cache_dir=cache_dir, label=f"{label or 'features'}-{VARIANT_RECIPE}-{seed}",
                     progress=progress, threads=threads,
                     prepare=lambda path, index: export_variant(np.asarray(decode(path)), side, seed, index))
@@ -218,6 +218,12 @@ def fit(x: np.ndarray, y: np.ndarray, components: int = COMPONENTS) -> OodGate:
                    np.maximum(values[:k], residual).astype(np.float32), residual, 1.0)
 
 
+def _threshold(per_reference: Iterable[np.ndarray], quantile: float) -> float:
+    """The threshold rule: the largest of the references' ``quantile`` percentiles of held-out distances, so
+    every reference keeps that share of its held-out scans below it."""
+    return max(float(np.percentile(d, quantile)) for d in per_reference)
+
+
 def _variants_referred_unseen(xs: list[np.ndarray], held_x: list[np.ndarray], components: int,
                               quantile: float) -> float:
     """Share of the held-out variants that a gate fitted and thresholded on the scans as read only refers.
@@ -230,7 +236,7 @@ def _variants_referred_unseen(xs: list[np.ndarray], held_x: list[np.ndarray], co
     as_read, variants = xs[0::2], held_x[1::2]
     plain = fit(np.concatenate(as_read), np.concatenate([np.full(len(x), i) for i, x in enumerate(as_read)]),
                 components)
-    threshold = max(float(np.percentile(plain.squared_distances(h), quantile)) for h in held_x[0::2])
+    threshold = _threshold((plain.squared_distances(h) for h in held_x[0::2]), quantile)
     return float(np.mean(plain.squared_distances(np.concatenate(variants)) > threshold))
 
 
@@ -266,7 +272,7 @@ def calibrate(model_path: Path, folders: Sequence[Path], *, dedup: Path | None =
     held = np.concatenate(held_x)
     which = np.concatenate(held_y)
     distances = gate.squared_distances(held)
-    threshold = max(float(np.percentile(distances[which == i], quantile)) for i in range(len(refs)))
+    threshold = _threshold((distances[which == i] for i in range(len(refs))), quantile)
     unseen = _variants_referred_unseen(xs, held_x, components, quantile)
     for index, entry in enumerate(counts):
         mine = distances[which == index].reshape(2, -1)  # the scans as read, then their variants

@@ -47,6 +47,7 @@ class Frame(NamedTuple):
     modality: str | None = None
     body_part: str | None = None
 
+
 #: Largest image accepted, in pixels. Real MRI slices are under 1 Mpx; a 50 Mpx 16-bit image already needs
 #: ~600 MB once converted to float, most of a small board's memory. Guards against decompression bombs.
 MAX_PIXELS = 50_000_000

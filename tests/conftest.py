@@ -88,6 +88,17 @@ LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 TINY_SIZE = 32
 
 
+def save_dicom(ds, out: Path, **changes) -> Path:
+    """Write pydicom dataset ``ds`` to ``out`` as a DICOM file, with some elements changed (None deletes one)."""
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
 def build_tiny_model(path: Path, *, channels: int = 1, heatmap: bool = True, pipeline: str = "mri-crop-v1",
                      name: str = "tiny-test", seed: int = 7, input_type: str = "uint8") -> Path:
     """Write a random tiny CNN as an int8 .tflite with our metadata; the heatmap is an analytic Grad-CAM.

@@ -24,6 +24,7 @@ from pydicom.pixels import apply_voi, apply_windowing  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import MPEG2MPML  # noqa: E402
 
+from conftest import save_dicom  # noqa: E402
 from edge.dicom import is_dicom, iter_frames, read_frames, sop_instance_uid  # noqa: E402
 from edge.errors import DicomError, InputError  # noqa: E402
 
@@ -45,14 +46,7 @@ def data(name: str) -> Path:
 
 def variant(name: str, out: Path, **changes) -> Path:
     """Write a copy of a pydicom test file with some elements changed (None deletes)."""
-    ds = pydicom.dcmread(data(name))
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return save_dicom(pydicom.dcmread(data(name)), out, **changes)
 
 
 def multiframe(out: Path, frames: list[np.ndarray], **changes) -> Path:
@@ -60,10 +54,7 @@ def multiframe(out: Path, frames: list[np.ndarray], **changes) -> Path:
     ds = pydicom.dcmread(data("MR_small.dcm"))
     ds.NumberOfFrames = len(frames)
     ds.PixelData = np.stack(frames).astype("<i2").tobytes()
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return save_dicom(ds, out, **changes)
 
 
 def reference_window(raw: np.ndarray, ds: Dataset) -> np.ndarray:

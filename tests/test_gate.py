@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import nonmri_corpus
+from conftest import save_dicom
 from edge import Classifier
 from edge import gate
 from edge.errors import ModelError
@@ -208,13 +209,7 @@ def _scan_as_dicom(scan: Path, out: Path, **header: str | None) -> Path:
     for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "BodyPartExamined"):
         if keyword in ds:
             delattr(ds, keyword)
-    for keyword, value in header.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return save_dicom(ds, out, **header)
 
 
 @pytest.mark.parametrize("model", MODELS)

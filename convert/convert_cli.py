@@ -76,6 +76,9 @@ def _summary(result) -> list[str]:
     if result.target_layer:
         h, w, k = result.feature_shape
         lines.append(f"Grad-CAM target layer {result.target_layer!r} ({h}x{w}x{k})")
+        if result.fine_layer:
+            fine = result.metadata["gradcam"]["fine_shape"]
+            lines.append(f"heatmap: LayerCAM of {result.fine_layer!r} ({fine[0]}x{fine[1]}x{fine[2]}) and the target")
     cal = result.calibration
     per_class = ", ".join(f"{k or '(unlabelled)'} {n}" for k, n in cal["per_class"].items())
     lines.append(f"calibration: {cal['images']} images ({per_class}), {cal['skipped']} skipped")
@@ -119,6 +122,10 @@ def _summary(result) -> list[str]:
               help="Scan preparation on the device (default: carried by the model, else resize).")
 @click.option("--input-size", type=click.IntRange(8, 4096), help="Input size S, for models that accept any size.")
 @click.option("--target-layer", help="Grad-CAM layer (default: the last 4-D feature map before the head).")
+@click.option("--fine-layer", help="An earlier layer (e.g. custom-cnn's b2_out, 12x12) whose map is fused with the "
+              "target's (LayerCAM): a finer heatmap. Its gradient is derived through the layers in between "
+              "(convolutions, batch norms, ReLUs, residual sums, max-pools), still builtin ops. Default: "
+              "Grad-CAM at the target alone.")
 @click.option("--num-calibration", default=200, show_default=True, type=click.IntRange(1, 100000),
               help="Calibration images in total, balanced over classes.")
 @click.option("--also-fp32", is_flag=True, help="Also write OUT_fp32.tflite, the same graph in float32.")
@@ -149,7 +156,8 @@ def _summary(result) -> list[str]:
 @click.option("--name", help="Model name in the metadata (default: carried, else the file stem).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
-         pipeline: str | None, input_size: int | None, target_layer: str | None, num_calibration: int,
+         pipeline: str | None, input_size: int | None, target_layer: str | None, fine_layer: str | None,
+         num_calibration: int,
          also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
          agreement: float, size_budget: float, latency_budget: float, gate_data: tuple[Path, ...], name: str | None,
          as_json: bool) -> None:
@@ -190,7 +198,7 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
                                num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
                                heldout_dir=heldout_dir, name=name, pipeline=pipeline, gradcam=gradcam, equalise=equalise,
                                agreement=agreement, size_budget=size_budget, latency_budget=latency_budget,
-                               progress=not as_json, gate_data=gate_data, log=say)
+                               progress=not as_json, gate_data=gate_data, fine_layer=fine_layer, log=say)
     except OSError as exc:
         _fail(str(exc), EXIT_INPUT, as_json)
     except ValueError as exc:

@@ -69,6 +69,8 @@ class ConversionResult:
     fp32_out: Path | None = None
     target_layer: str | None = None
     feature_shape: tuple[int, int, int] | None = None
+    #: The earlier layer fused into the heatmap (LayerCAM), or None for Grad-CAM at the target alone.
+    fine_layer: str | None = None
     report: dict[str, Any] | None = None
     report_files: list[Path] = field(default_factory=list)
     #: The held-out agreement check and what the repair did (`convert.agreement`); None when not checked.
@@ -79,7 +81,7 @@ class ConversionResult:
                 "name": self.settings.name, "labels": list(self.settings.labels),
                 "input_size": self.settings.input_size, "channels": self.settings.channels,
                 "pipeline": self.settings.pipeline, "preprocess": self.settings.preprocess,
-                "target_layer": self.target_layer,
+                "target_layer": self.target_layer, "fine_layer": self.fine_layer,
                 "feature_shape": list(self.feature_shape) if self.feature_shape else None,
                 "size_bytes": self.out.stat().st_size, "ops": self.ops, "float_ops": self.float_ops,
                 "calibration": self.calibration, "weights": self.metadata.get("weights"), "report": self.report,
@@ -323,7 +325,7 @@ def quantize(calibrated: bytes, float_ops: Sequence[str] = (), float_layers: Seq
 
 def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, source: dict[str, Any],
                    quantization: str, calibration_summary: dict[str, Any],
-                   extra_settings: dict[str, Any]) -> dict[str, Any]:
+                   extra_settings: dict[str, Any], fine: tuple[str, list[int]] | None = None) -> dict[str, Any]:
     """The JSON documented in docs/ARCHITECTURE.md ("Model file contract")."""
     s, c = settings.input_size, len(settings.labels)
     outputs: dict[str, Any] = {gradcam_head.PROBABILITIES: {"name": gradcam_head.PROBABILITIES, "shape": [1, c]}}
@@ -341,8 +343,7 @@ def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, sour
                   "pipeline": settings.pipeline, "dtype": "uint8"},
         "normalisation": settings.norm.to_json(),
         "outputs": outputs,
-        "gradcam": None if split is None else {"target_layer": split.target_layer,
-                                               "feature_shape": list(split.feature_shape), "score": "logit"},
+        "gradcam": None if split is None else _gradcam_metadata(split, fine),
         "source": source,
         "converter": {"tool": TOOL, "version": package_version(), "tensorflow": tf.__version__,
                       "keras": keras.__version__, "quantization": quantization,
@@ -350,6 +351,17 @@ def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, sour
                       "settings": extra_settings},
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _gradcam_metadata(split: gradcam_head.Split, fine: tuple[str, list[int]] | None) -> dict[str, Any]:
+    """The heatmap's method, layers and grid: Grad-CAM at the target, or LayerCAM of (fine, target)."""
+    meta: dict[str, Any] = {"target_layer": split.target_layer, "feature_shape": list(split.feature_shape),
+                            "score": "logit"}
+    if fine is None:
+        return {**meta, "method": "gradcam", "layers": [split.target_layer], "grid": list(split.feature_shape[:2])}
+    layer, shape = fine
+    return {**meta, "method": "layercam", "layers": [layer, split.target_layer], "grid": list(shape[:2]),
+            "fine_layer": layer, "fine_shape": list(shape)}
 
 
 def progress_bar(enabled: bool, length: int, label: str) -> Any:
@@ -375,7 +387,8 @@ def _parity_report(model: Any, result: ConversionResult, calib: calibration.Imag
         variants["fp32"] = result.fp32_out.read_bytes()
     say(f"parity report on {len(heldout.paths)} held-out images")
     return parity.run_report(model, variants, heldout, labels=settings.labels, norm=settings.norm,
-                             target_layer=result.target_layer, report_dir=report_dir,
+                             target_layer=result.target_layer, fine_layer=result.fine_layer,
+                             report_dir=report_dir,
                              heldout_source=str(heldout_root), name=settings.name, progress=progress,
                              fallback=calib if not heldout.paths else None)
 
@@ -394,11 +407,14 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   float_layers: Sequence[str] = (), equalise: bool = True, agreement: float = repair.TARGET,
                   size_budget: float = repair.SIZE_BUDGET, latency_budget: float = repair.LATENCY_BUDGET,
                   progress: bool = False, gate_data: Sequence[str | Path] = (),
-                  log: Callable[[str], None] | None = None) -> ConversionResult:
+                  fine_layer: str | None = None, log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
     ``gradcam=False`` builds the same input pipeline without the Grad-CAM head (only ``probabilities``,
-    metadata without ``heatmap`` or ``gradcam``); it exists to measure what the head costs.
+    metadata without ``heatmap`` or ``gradcam``); it exists to measure what the head costs. ``fine_layer``
+    (an earlier top-level layer, e.g. ``b2_out``) makes the heatmap a LayerCAM fusion of that layer's
+    map with the target's (`convert.gradcam_head.fine_heatmap`): a finer grid that marks where in the
+    image the evidence is.
 
     When int8 costs a model too much agreement (the parity report says), the knobs are: a larger
     ``num_calibration``, another ``seed`` (a different, still deterministic, balanced selection), a
@@ -456,13 +472,17 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
         equalised = equalisation.equalise(model, probe)
     module, split = gradcam_head.build_module(model, norm=settings.norm, input_size=settings.input_size,
                                               channels=settings.channels, target_layer=target_layer,
-                                              gradcam=gradcam)
+                                              gradcam=gradcam, fine_layer=fine_layer)
+    fine = None
     if split is not None:
         say(f"Grad-CAM target layer {split.target_layer!r}, feature map {split.feature_shape}")
+        if fine_layer:
+            fine = (fine_layer, [int(d) for d in model.get_layer(fine_layer).output.shape[1:]])
+            say(f"LayerCAM fused with layer {fine_layer!r}, feature map {tuple(fine[1])}")
     summary = calib.summary()
     extra = {"preprocess": settings.preprocess, "target_layer": target_layer, "num_calibration": num_calibration,
              "seed": seed, "per_channel": True, "float_ops": list(float_ops),
-             "float_layers": list(float_layers), "gradcam": gradcam,
+             "float_layers": list(float_layers), "gradcam": gradcam, "fine_layer": fine_layer,
              "equalised": equalised.to_json() if equalised else None}
     source = source_info(source_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -486,7 +506,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     if unexpected:
         say(f"note: these ops run in float in the int8 model: {', '.join(unexpected)}")
     metadata = build_metadata(settings, split=split, source=source, quantization="int8",
-                              calibration_summary=summary, extra_settings=extra)
+                              calibration_summary=summary, extra_settings=extra, fine=fine)
     int8_file = embed_metadata(int8, metadata)
     metadata = read_spec(int8_file).metadata  # what the file carries, the weights checksum included
     out.write_bytes(int8_file)
@@ -505,7 +525,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                               settings=settings, fp32_out=fp32_out,
                               target_layer=split.target_layer if split else None,
                               feature_shape=split.feature_shape if split else None,
-                              repair=checked.to_json())
+                              fine_layer=fine[0] if fine else None, repair=checked.to_json())
     if report_dir is not None:
         result.report, result.report_files = _parity_report(
             model, result, calib, heldout=heldout, heldout_root=Path(heldout_dir or calibration_dir),

@@ -386,6 +386,13 @@ def head_forward(split: Split, features: tf.Tensor) -> tuple[tf.Tensor, list[Bac
     return x, backs
 
 
+def _peak_one(cam: tf.Tensor) -> tf.Tensor:
+    """Divide a [1, ...] map by its maximum; an all-zero map stays zero exactly (not max(peak, eps))."""
+    axes = list(range(1, len(cam.shape)))
+    peak = tf.reduce_max(cam, axis=axes, keepdims=True)
+    return cam / tf.where(peak > 0, peak, tf.ones_like(peak))
+
+
 def class_activation_map(features: tf.Tensor, grads: tf.Tensor, size: int) -> tf.Tensor:
     """Grad-CAM from a feature map and d(score)/d(features): [1, size, size] in [0, 1].
 
@@ -405,14 +412,32 @@ def class_activation_map(features: tf.Tensor, grads: tf.Tensor, size: int) -> tf
         cam = tf.matmul(tf.reshape(features, [-1, h * w, k]), tf.reshape(alpha, [-1, k, 1]))
         cam = tf.reshape(tf.nn.relu(cam), [-1, h, w, 1])
         cam = tf.image.resize(cam, [size, size], method="bilinear")
-        cam = tf.reshape(cam, [-1, size, size])
-        peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
-        # Not max(peak, eps): selecting 1 where the peak is zero keeps an all-zero map at zero exactly.
-        return cam / tf.where(peak > 0, peak, tf.ones_like(peak))
+        return _peak_one(tf.reshape(cam, [-1, size, size]))
 
 
-def gradcam_graph(split: Split, features: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """(probabilities, heatmap) for a batch of one, with the closed-form backward pass."""
+def layer_cam(features: list[tf.Tensor], grads: list[tf.Tensor], size: int) -> tf.Tensor:
+    """LayerCAM (Jiang et al. 2021) fused over several feature maps: [1, size, size] in [0, 1].
+
+    Per map, ReLU of the channel sum of activation x positive gradient *at each position* (not a
+    channel-wide mean as in Grad-CAM, so a finer map keeps where its evidence is), upsampled like
+    Grad-CAM and scaled to peak 1; the maps are summed and scaled to peak 1 again, so a coarse map's
+    class evidence and a fine map's detail weigh the same. Shared by the in-graph head and the reference.
+    Runs in float (FLOAT_SCOPE) for the reasons Grad-CAM's combination does.
+    """
+    with tf.name_scope(FLOAT_SCOPE):
+        total = None
+        for a, g in zip(features, grads):
+            cam = tf.nn.relu(tf.reduce_sum(a * tf.nn.relu(g), axis=-1, keepdims=True))
+            cam = _peak_one(tf.image.resize(cam, [size, size], method="bilinear"))
+            total = cam if total is None else total + cam
+        return _peak_one(tf.reshape(total, [-1, size, size]))
+
+
+def score_gradient(split: Split, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(logits, d(predicted class's logit)/d(features)) for a batch of one, with the closed-form backward pass.
+
+    For a pooled head the gradient is [1, 1, 1, k] (the same at every position), else [1, h, w, k].
+    """
     logits, backs = head_forward(split, features)
     num_classes = int(logits.shape[-1])
     # Not tf.one_hot, nor a comparison with tf.range: the int8 ONE_HOT kernel copies quantized on/off
@@ -420,38 +445,82 @@ def gradcam_graph(split: Split, features: tf.Tensor, size: int) -> tuple[tf.Tens
     # EMBEDDING_LOOKUP that LiteRT cannot run. Gathering a row of the identity matrix quantizes cleanly,
     # and arg-max breaks ties the way the device does.
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    onehot = tf.gather(tf.eye(num_classes, dtype=tf.float32), predicted)
-    g = onehot
+    g = tf.gather(tf.eye(num_classes, dtype=tf.float32), predicted)
     for back in reversed(backs):
         g = back(g)
+    return logits, g
+
+
+def gradcam_graph(split: Split, features: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(probabilities, heatmap) for a batch of one, with the closed-form backward pass."""
+    logits, g = score_gradient(split, features)
     return tf.nn.softmax(logits, axis=-1), class_activation_map(features, g, size)
 
 
+def fine_stage(model: Any, fine_layer: str) -> Any:
+    """A sub-model from the input to ``fine_layer``'s output (a top-level layer of ``model``)."""
+    try:
+        layer = model.get_layer(fine_layer)
+    except ValueError:
+        raise ValueError(f"no layer named {fine_layer!r} at the top level of model {model.name!r}") from None
+    if len(layer.output.shape) != 4:
+        raise ValueError(f"fine layer {_describe(layer)} outputs shape {tuple(layer.output.shape)}; a 4-D "
+                         f"feature map is needed")
+    return _stage(model, layer.output)
+
+
+def fine_heatmap(model: Any, split: Split, stage: Any, fine_layer: str, x: tf.Tensor,
+                 size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(logits, target feature map, LayerCAM of the fine and target maps) for a normalised batch of one.
+
+    The fine map comes from ``stage`` (`fine_stage`); the layers from it to the target are replayed with
+    their closed-form backward pass (`convert.block_backward`), so the graph stays builtin ops.
+    """
+    from convert import block_backward  # it builds on this module's layer steps
+
+    early = stage(x, training=False)
+    fmap, back = block_backward.replay(model, fine_layer, split.target_layer, early)
+    logits, g = score_gradient(split, fmap)
+    return logits, fmap, layer_cam([early, fmap], [back(g), g], size)
+
+
 def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: int, channels: int,
-                 target_layer: str | None = None, gradcam: bool = True) -> tuple[tf.Module, Split | None]:
+                 target_layer: str | None = None, gradcam: bool = True,
+                 fine_layer: str | None = None) -> tuple[tf.Module, Split | None]:
     """A ``tf.Module`` whose ``serve(image)`` maps uint8 ``[1, S, S, C]`` pixels to the contract's outputs.
 
     With ``gradcam=False`` the same input pipeline feeds the unmodified Keras model and only
     ``probabilities`` is returned: the baseline that measures what the Grad-CAM head costs. Otherwise
-    ``features`` (the feature map's spatial mean, for the input gate) is returned too.
+    ``features`` (the feature map's spatial mean, for the input gate) is returned too. ``fine_layer``
+    (an earlier top-level layer) makes the heatmap a LayerCAM fusion of that layer's map and the
+    target's (`fine_heatmap`) instead of Grad-CAM at the target.
     """
     split = split_model(model, target_layer) if gradcam else None
     if split is not None and -1 in split.feature_shape:  # a model that accepts any input size
         probe = split.features(tf.zeros([1, input_size, input_size, channels], tf.float32))
         split = dataclasses.replace(split, feature_shape=tuple(int(d) for d in probe.shape[1:]))
+    stage = fine_stage(model, fine_layer) if split is not None and fine_layer else None
+    if stage is not None:
+        from convert import block_backward
+
+        block_backward.nodes_between(model, fine_layer, split.target_layer)  # fail now, naming the layer
     outputs_logits = split.outputs_logits if split else not _ends_in_softmax(model)
     module = tf.Module()
     module.model = model
     if split is not None:
-        module.stages = list(split.stages)
+        module.stages = list(split.stages) + ([stage] if stage is not None else [])
 
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
         x = normalisation.apply(tf.cast(image, tf.float32), norm)
         if split is None:
             y = model(x, training=False)
             return {PROBABILITIES: tf.nn.softmax(y, axis=-1) if outputs_logits else y}
-        fmap = split.features(x)
-        probabilities, heatmap = gradcam_graph(split, fmap, input_size)
+        if stage is None:
+            fmap = split.features(x)
+            probabilities, heatmap = gradcam_graph(split, fmap, input_size)
+        else:
+            logits, fmap, heatmap = fine_heatmap(model, split, stage, fine_layer, x, input_size)
+            probabilities = tf.nn.softmax(logits, axis=-1)
         return {PROBABILITIES: probabilities, HEATMAP: heatmap, FEATURES: tf.reduce_mean(fmap, axis=[1, 2])}
 
     spec = tf.TensorSpec([1, input_size, input_size, channels], tf.uint8, name=INPUT_NAME)

@@ -79,7 +79,8 @@ def test_converts_to_int8_with_readable_metadata(converted: dict, model_file: Pa
     assert (spec.input_size, spec.channels, spec.pipeline) == (32, 1, "mri-crop-v1")
     assert spec.output_names == {"probabilities": "probabilities", "heatmap": "heatmap", "features": "features"}
     meta = spec.metadata
-    assert meta["gradcam"] == {"target_layer": "features", "feature_shape": [16, 16, 16], "score": "logit"}
+    assert meta["gradcam"] == {"target_layer": "features", "feature_shape": [16, 16, 16], "score": "logit",
+                               "method": "gradcam", "layers": ["features"], "grid": [16, 16]}
     assert meta["outputs"]["heatmap"]["shape"] == [1, 32, 32]
     assert meta["normalisation"]["name"] == "tf" and meta["normalisation"]["folded"] is True
     assert meta["input"] == {"size": 32, "channels": 1, "colour": "grayscale", "pipeline": "mri-crop-v1",

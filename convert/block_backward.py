@@ -120,6 +120,8 @@ def _maxpool(x: tf.Tensor, layer: Any) -> tuple[tf.Tensor, Backward]:
 
 
 def _step(layer: Any, inputs: list[tf.Tensor]) -> tuple[tf.Tensor, Backward]:
+    """One layer forward at inference, with its map output-grad -> [grad of each input]. Batch norms,
+    activations and identities are the head's own steps (`gradcam_head._step`)."""
     if isinstance(layer, keras.layers.Add):
         return tf.add_n(inputs), lambda g: [g] * len(inputs)
     x = inputs[0]
@@ -127,14 +129,7 @@ def _step(layer: Any, inputs: list[tf.Tensor]) -> tuple[tf.Tensor, Backward]:
         return _conv(x, layer)
     if isinstance(layer, keras.layers.MaxPooling2D):
         return _maxpool(x, layer)
-    if isinstance(layer, gh.IDENTITY_LAYERS):
-        return x, lambda g: [g]
-    if isinstance(layer, keras.layers.BatchNormalization):
-        y, back = gh._batchnorm(x, layer)
-    elif isinstance(layer, keras.layers.ReLU):
-        y, back = gh._relu_layer(x, layer)
-    else:
-        y, back = gh._activate(gh._activation_name(layer), x)
+    y, back = gh._step(x, layer)
     return y, lambda g: [back(g)]
 
 

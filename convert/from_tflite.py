@@ -30,11 +30,10 @@ from edge.cli_common import NonEmptyPath, OneLineCommand, error
 PROG = "from_tflite"
 
 
-def _dequantized(interpreter: Any, index: int) -> np.ndarray:
+def _dequantized(interpreter: Any, details: dict[int, dict[str, Any]], index: int) -> np.ndarray:
     """A constant tensor of the file as float64, per-tensor or per-channel scales applied."""
-    detail = next(d for d in interpreter.get_tensor_details() if d["index"] == index)
     value = interpreter.get_tensor(index).astype(np.float64)
-    q = detail["quantization_parameters"]
+    q = details[index]["quantization_parameters"]
     scales, zeros = np.asarray(q["scales"], np.float64), np.asarray(q["zero_points"], np.float64)
     if scales.size == 0:
         return value
@@ -43,33 +42,43 @@ def _dequantized(interpreter: Any, index: int) -> np.ndarray:
     return (value - zeros.reshape(shape)) * scales.reshape(shape) if scales.size > 1 else (value - zeros[0]) * scales[0]
 
 
+def _batchnorm_name(conv: str) -> str:
+    """The batch norm after a custom-cnn convolution: stem_conv -> stem_bn, bI_convJ -> bI_bnJ,
+    bI_short -> bI_short_bn (`convert.architectures.custom_cnn`'s names)."""
+    if conv == "stem_conv":
+        return "stem_bn"
+    return conv + "_bn" if conv.endswith("_short") else conv.replace("conv", "bn")
+
+
 def recover(model_path: str | Path) -> tuple[Any, dict[str, Any]]:
     """(Keras model, carried metadata for `convert.keras_io.save_model`) of a custom-cnn .tflite file.
 
     Raises ValueError when the file is not a custom-cnn conversion (other ops, shapes or normalisation).
     """
     import keras
-    import tensorflow as tf
 
     from convert.architectures import custom_cnn
+    from convert.parity import make_interpreter
     from edge.model_file import read_spec
 
     path = Path(model_path)
-    spec = read_spec(path.read_bytes(), path)
+    blob = path.read_bytes()
+    spec = read_spec(blob, path)
     meta = spec.metadata
     norm = meta.get("normalisation", {})
     if meta.get("name") != "custom-cnn" or len(norm.get("std", [])) != 1:
         raise ValueError(f"{path}: not a grayscale custom-cnn conversion (name {meta.get('name')!r})")
-    interpreter = tf.lite.Interpreter(str(path))
+    interpreter = make_interpreter(blob)
     interpreter.allocate_tensors()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     convs = [op for op in ops if op["op_name"] == "CONV_2D"]
     dense = [op for op in ops if op["op_name"] == "FULLY_CONNECTED"]
     pools = sum(op["op_name"] == "MAX_POOL_2D" for op in ops)
     if len(convs) < 4 or not dense or pools not in (2, 3):
         raise ValueError(f"{path}: {len(convs)} convolutions, {pools} max-pools: not a custom-cnn graph")
-    kernels = [_dequantized(interpreter, op["inputs"][1]).transpose(1, 2, 3, 0) for op in convs]
-    biases = [_dequantized(interpreter, op["inputs"][2]) for op in convs]
+    kernels = [_dequantized(interpreter, details, op["inputs"][1]).transpose(1, 2, 3, 0) for op in convs]
+    biases = [_dequantized(interpreter, details, op["inputs"][2]) for op in convs]
     kernels[0] = kernels[0] * norm["std"][0]  # the converter folded 1/std into the first convolution
     model = custom_cnn(spec.input_size, spec.channels, len(spec.labels), width=2 * kernels[0].shape[-1],
                        stride=16 if pools == 3 else 8, last_width=kernels[-1].shape[-1])
@@ -80,13 +89,13 @@ def recover(model_path: str | Path) -> tuple[Any, dict[str, Any]]:
         if tuple(layer.kernel.shape) != kernel.shape:
             raise ValueError(f"{path}: kernel {kernel.shape} where {layer.name} has {tuple(layer.kernel.shape)}")
         layer.kernel.assign(kernel.astype(np.float32))
-        bn = model.get_layer("stem_bn" if layer.name == "stem_conv" else
-                             layer.name + "_bn" if layer.name.endswith("_short") else layer.name.replace("conv", "bn"))
+        bn = model.get_layer(_batchnorm_name(layer.name))
         ones = np.ones_like(bias, np.float32)
         bn.set_weights([ones, bias.astype(np.float32), np.zeros_like(ones), ones - np.float32(bn.epsilon)])
     fc = dense[0]
-    model.get_layer("predictions").set_weights([_dequantized(interpreter, fc["inputs"][1]).T.astype(np.float32),
-                                                _dequantized(interpreter, fc["inputs"][2]).astype(np.float32)])
+    model.get_layer("predictions").set_weights(
+        [_dequantized(interpreter, details, fc["inputs"][1]).T.astype(np.float32),
+         _dequantized(interpreter, details, fc["inputs"][2]).astype(np.float32)])
     carried = {"name": "custom-cnn", "labels": list(spec.labels), "input_size": spec.input_size,
                "channels": spec.channels, "pipeline": spec.pipeline, "preprocess": norm["name"],
                "recovered_from": {"file": path.name, "sha256": spec.sha256,

@@ -86,11 +86,11 @@ def _images(directory: Path, model, count: int = 8) -> np.ndarray:
 
 
 def _tflite(model, preprocess: str, workdir: Path, images: np.ndarray | None = None, gradcam: bool = True,
-            **int8_options) -> bytes:
+            fine_layer: str | None = None, **int8_options) -> bytes:
     """Real conversion of the serving graph: float32, or int8 when calibration images are given."""
     size, channels = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[-1])
     module, _ = gradcam_head.build_module(model, norm=normalisation.parse(preprocess, channels), input_size=size,
-                                         channels=channels, gradcam=gradcam)
+                                         channels=channels, gradcam=gradcam, fine_layer=fine_layer)
     saved = converter.export_saved_model(module, model, workdir / "saved_model")
     return converter.to_float32(saved) if images is None else converter.to_int8(saved, images, **int8_options)
 

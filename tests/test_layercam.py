@@ -16,7 +16,7 @@ tf = pytest.importorskip("tensorflow")
 
 from convert import block_backward, converter, gradcam_head, normalisation, parity, reference_gradcam  # noqa: E402
 from convert.architectures import custom_cnn  # noqa: E402
-from test_gradcam_head import _images, _randomise_batchnorm  # noqa: E402
+from test_gradcam_head import _images, _randomise_batchnorm, _tflite  # noqa: E402
 
 L = keras.layers
 REPO = Path(__file__).resolve().parents[1]
@@ -83,19 +83,12 @@ def test_layer_cam_on_hand_made_maps():
     assert not empty.numpy().any()  # an all-zero map stays zero, no division by zero
 
 
-def _convert(model, workdir: Path, images: np.ndarray | None) -> bytes:
-    module, _ = gradcam_head.build_module(model, norm=normalisation.parse("0-1", 1), input_size=64, channels=1,
-                                         fine_layer="b2_out")
-    saved = converter.export_saved_model(module, model, workdir / "saved_model")
-    return converter.to_float32(saved) if images is None else converter.to_int8(saved, images)
-
-
 def test_fine_heatmap_survives_conversion(convert_image_dir: Path, tmp_path: Path):
     model = residual_cnn()
     images = _images(convert_image_dir, model, 20)
     reference = reference_gradcam.make_reference(model, preprocess="0-1", fine_layer="b2_out")
-    fp32 = parity.tflite_runner(_convert(model, tmp_path / "fp32", None))
-    int8_blob = _convert(model, tmp_path / "int8", images)
+    fp32 = parity.tflite_runner(_tflite(model, "0-1", tmp_path / "fp32", fine_layer="b2_out"))
+    int8_blob = _tflite(model, "0-1", tmp_path / "int8", images=images, fine_layer="b2_out")
     ops, float_ops, custom = converter.list_ops(int8_blob)
     assert not custom and "FLEX" not in " ".join(ops)
     assert "CONV_2D" not in float_ops  # the backward convolutions are int8 like the forward ones

@@ -56,6 +56,7 @@ class TrainConfig:
     healthy_per_epoch: int | None = None
     paste_fraction: float = 0.0
     mask_weight: float = 0.0
+    freeze_batchnorm: bool = False
 
     @property
     def guided(self) -> bool:
@@ -195,6 +196,7 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     model = custom_cnn(cfg.input_size, 1, len(train.labels), stride=cfg.stride, last_width=cfg.last_width)
     if cfg.init is not None:
         _load_start(model, cfg, train.labels)
+    _freeze_batchnorm(model, cfg)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
     _compile(model, cfg.lr, steps, cfg.epochs)
     hist = model.fit(
@@ -223,6 +225,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride, last_width=cfg.last_width)
     if cfg.init is not None:
         _load_start(net, cfg, labels)
+    _freeze_batchnorm(net, cfg)
     n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
     paste_n = int(round(cfg.paste_fraction * n_tumour)) if pools.main.masks is not None else 0
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
@@ -438,6 +441,22 @@ def _live_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderDa
         histories.append(_fit_live(cfg, model, train, val, run_dir, cfg.lr / 20, cfg.fine_tune_epochs,
                                    "xception phase 2 (block 14)", "phase2_"))
     return histories
+
+
+def _freeze_batchnorm(model, cfg: TrainConfig) -> None:
+    """Keep every batch norm in inference mode with its statistics fixed (``--freeze-batchnorm``).
+
+    Why: a model recovered from its int8 file (`convert.from_tflite`) has the batch norms folded into the
+    convolutions and identities in their place; training them on batch statistics would renormalise every
+    layer and throw the learnt function away. A short fine-tune of a converged model under new, strong
+    augmentation is also better off with the statistics it converged with.
+    """
+    import keras
+
+    if cfg.freeze_batchnorm:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
 
 
 def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:

@@ -66,13 +66,17 @@ PROG = "edge-train"
                    "(real lesions pasted into healthy slices of every source, new ones every epoch).")
 @click.option("--mask-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --masks: weight of the loss on the true class's CAM energy outside the lesion mask.")
+@click.option("--freeze-batchnorm", is_flag=True,
+              help="custom-cnn only: keep the batch norms' statistics fixed (inference mode). Needed with --init "
+                   "from a model recovered from its .tflite file (python -m convert.from_tflite), whose batch "
+                   "norms are folded into the convolutions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, fine_tune_epochs: int,
          full_epochs: int, batch_size: int, lr: float, val_fraction: float, patience: int, weights: str | None,
          feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, stride: str,
          last_width: int | None,
          masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
-         mask_weight: float, seed: int) -> None:
+         mask_weight: float, freeze_batchnorm: bool, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -109,8 +113,9 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
     if init is not None and arch == "xception" and not full_epochs:
         raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
     guided = masks is not None or extra_healthy
-    if arch != "custom-cnn" and (guided or stride != "16" or last_width):
-        raise click.UsageError("--stride, --last-width, --masks and --extra-healthy apply to --arch custom-cnn only")
+    if arch != "custom-cnn" and (guided or stride != "16" or last_width or freeze_batchnorm):
+        raise click.UsageError("--stride, --last-width, --masks, --extra-healthy and --freeze-batchnorm apply to "
+                               "--arch custom-cnn only")
     if masks is None and (paste_fraction or mask_weight):
         raise click.UsageError("--paste-fraction and --mask-weight need --masks")
     if healthy_per_epoch and not extra_healthy:
@@ -124,7 +129,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         weights=w, fine_tune_epochs=fine_tune_epochs, full_epochs=full_epochs, feature_copies=feature_copies,
         limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), last_width=last_width, masks=masks,
         extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
-        mask_weight=mask_weight,
+        mask_weight=mask_weight, freeze_batchnorm=freeze_batchnorm,
     )
     carried = train.run(cfg)
     t = carried["training"]

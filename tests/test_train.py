@@ -78,6 +78,29 @@ def test_init_continues_from_a_trained_model(trained: Path, tmp_path: Path) -> N
     assert bad.exit_code == 2 and "--init" in bad.output
 
 
+def test_freeze_batchnorm_keeps_the_statistics_while_the_convolutions_learn(trained: Path, tmp_path: Path) -> None:
+    """--freeze-batchnorm (for a model recovered from its int8 file, whose batch norms are folded away):
+    a fine-tune changes the kernels but no batch norm's scale, offset or moving statistics."""
+    import keras
+
+    from convert.train_cli import main as train_main
+
+    out = tmp_path / "frozen.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
+                                          "--batch-size", "8", "--lr", "1e-2", "--val-fraction", "0.25",
+                                          "--init", str(trained), "--freeze-batchnorm"])
+    assert res.exit_code == 0, res.output
+    a, b = (keras.models.load_model(p, compile=False) for p in (trained, out))
+    norms = [layer.name for layer in a.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms
+    for name in norms:
+        assert all(np.array_equal(x, y) for x, y in zip(a.get_layer(name).get_weights(), b.get_layer(name).get_weights()))
+    assert not np.array_equal(a.get_layer("stem_conv").get_weights()[0], b.get_layer("stem_conv").get_weights()[0])
+    bad = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(tmp_path / "x.keras"), "--arch", "xception",
+                                          "--weights", "none", "--freeze-batchnorm"])
+    assert bad.exit_code == 2 and "--freeze-batchnorm" in bad.output
+
+
 def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:
     from convert.train_cli import main as train_main
 

@@ -191,12 +191,7 @@ def _compile(model, lr: float, steps: int, epochs: int) -> None:
 
 def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: Path):
     """End-to-end training of the custom CNN with on-the-fly augmentation."""
-    from convert.architectures import custom_cnn
-
-    model = custom_cnn(cfg.input_size, 1, len(train.labels), stride=cfg.stride, last_width=cfg.last_width)
-    if cfg.init is not None:
-        _load_start(model, cfg, train.labels)
-    _freeze_batchnorm(model, cfg)
+    model = _custom_start(cfg, train.labels)
     steps = int(np.ceil(train.y.size / cfg.batch_size))
     _compile(model, cfg.lr, steps, cfg.epochs)
     hist = model.fit(
@@ -218,14 +213,10 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     import keras
 
     from convert import guided
-    from convert.architectures import custom_cnn
 
     labels = pools.main.labels
     num = len(labels)
-    net = custom_cnn(cfg.input_size, 1, num, stride=cfg.stride, last_width=cfg.last_width)
-    if cfg.init is not None:
-        _load_start(net, cfg, labels)
-    _freeze_batchnorm(net, cfg)
+    net = _custom_start(cfg, labels)
     n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
     paste_n = int(round(cfg.paste_fraction * n_tumour)) if pools.main.masks is not None else 0
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
@@ -443,20 +434,27 @@ def _live_phases(cfg: TrainConfig, model, base, train: FolderData, val: FolderDa
     return histories
 
 
-def _freeze_batchnorm(model, cfg: TrainConfig) -> None:
-    """Keep every batch norm in inference mode with its statistics fixed (``--freeze-batchnorm``).
+def _custom_start(cfg: TrainConfig, labels: list[str]):
+    """The custom CNN both custom recipes train: built to ``cfg``'s size, stride and width, started from
+    ``cfg.init`` when given, batch norms frozen with ``--freeze-batchnorm``.
 
-    Why: a model recovered from its int8 file (`convert.from_tflite`) has the batch norms folded into the
-    convolutions and identities in their place; training them on batch statistics would renormalise every
-    layer and throw the learnt function away. A short fine-tune of a converged model under new, strong
+    Why frozen: a model recovered from its int8 file (`convert.from_tflite`) has the batch norms folded into
+    the convolutions and identities in their place; training them on batch statistics would renormalise
+    every layer and throw the learnt function away. A short fine-tune of a converged model under new, strong
     augmentation is also better off with the statistics it converged with.
     """
     import keras
 
+    from convert.architectures import custom_cnn
+
+    model = custom_cnn(cfg.input_size, 1, len(labels), stride=cfg.stride, last_width=cfg.last_width)
+    if cfg.init is not None:
+        _load_start(model, cfg, labels)
     if cfg.freeze_batchnorm:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
+    return model
 
 
 def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:

@@ -78,19 +78,28 @@ def test_init_continues_from_a_trained_model(trained: Path, tmp_path: Path) -> N
     assert bad.exit_code == 2 and "--init" in bad.output
 
 
-def test_freeze_batchnorm_keeps_the_statistics_while_the_convolutions_learn(trained: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def fine_tuned(trained: Path) -> Path:
+    """``trained`` fine-tuned one epoch at a high learning rate with its batch norms frozen."""
+    from convert.train_cli import main as train_main
+
+    out = trained.parent / "frozen.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
+                                          "--batch-size", "8", "--lr", "1e-2", "--val-fraction", "0.25",
+                                          "--init", str(trained), "--freeze-batchnorm"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_freeze_batchnorm_keeps_the_statistics_while_the_convolutions_learn(trained: Path, fine_tuned: Path,
+                                                                            tmp_path: Path) -> None:
     """--freeze-batchnorm (for a model recovered from its int8 file, whose batch norms are folded away):
     a fine-tune changes the kernels but no batch norm's scale, offset or moving statistics."""
     import keras
 
     from convert.train_cli import main as train_main
 
-    out = tmp_path / "frozen.keras"
-    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
-                                          "--batch-size", "8", "--lr", "1e-2", "--val-fraction", "0.25",
-                                          "--init", str(trained), "--freeze-batchnorm"])
-    assert res.exit_code == 0, res.output
-    a, b = (keras.models.load_model(p, compile=False) for p in (trained, out))
+    a, b = (keras.models.load_model(p, compile=False) for p in (trained, fine_tuned))
     norms = [layer.name for layer in a.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms
     for name in norms:
@@ -99,6 +108,44 @@ def test_freeze_batchnorm_keeps_the_statistics_while_the_convolutions_learn(trai
     bad = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(tmp_path / "x.keras"), "--arch", "xception",
                                           "--weights", "none", "--freeze-batchnorm"])
     assert bad.exit_code == 2 and "--freeze-batchnorm" in bad.output
+
+
+def test_weight_average_walks_the_line_from_the_start_to_the_fine_tune(trained: Path, fine_tuned: Path,
+                                                                       tmp_path: Path) -> None:
+    """WiSE-FT: alpha 0 is the start, 1 the fine-tune, 0.5 the midpoint of every weight (the network's
+    answers change with it); models that are not one network are refused in one line, exit 1."""
+    import keras
+
+    from convert.weight_average import main as average_main
+
+    start, tuned = (keras.models.load_model(p, compile=False).get_weights() for p in (trained, fine_tuned))
+    outs = {}
+    for alpha in ("0", "0.5", "1"):
+        out = tmp_path / f"wise{alpha}.keras"
+        res = CliRunner().invoke(average_main, [str(trained), str(fine_tuned), "--alpha", alpha, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        outs[alpha] = keras.models.load_model(out, compile=False)
+    for got, want in ((outs["0"], start), (outs["1"], tuned)):
+        assert all(np.allclose(x, y, rtol=0, atol=1e-7) for x, y in zip(got.get_weights(), want))
+    mid = outs["0.5"].get_weights()
+    moved = [i for i, (a, b) in enumerate(zip(start, tuned)) if not np.array_equal(a, b)]
+    assert moved and all(np.allclose(mid[i], (start[i] + tuned[i]) / 2, atol=1e-6) for i in range(len(mid)))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype(np.float32)
+    assert not np.allclose(outs["0.5"].predict(x, verbose=0), outs["0"].predict(x, verbose=0))
+    with zipfile.ZipFile(tmp_path / "wise0.5.keras") as zf:
+        carried = json.loads(zf.read("edge_mri.json"))
+    assert carried["weight_average"] == {"start": trained.name, "tuned": fine_tuned.name, "alpha": 0.5}
+    assert carried["labels"] == LABELS and carried["input_size"] == 32
+
+    other = tmp_path / "other.keras"
+    from convert.train_cli import main as train_main
+
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(other), "--input-size", "48", "--epochs", "1",
+                                          "--batch-size", "8", "--val-fraction", "0.25"])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(average_main, [str(trained), str(other), "--alpha", "0.5", "--out", str(tmp_path / "b.keras")])
+    assert bad.exit_code == 1 and "input_size" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.keras").exists()
 
 
 def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:

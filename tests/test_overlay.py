@@ -73,7 +73,7 @@ def test_cli_overlays_of_the_sample_scans(cli, bundled_model: Path, sample_scans
     result = cli("--model", bundled_model, "--heatmap", tmp_path, *sample_scans)
     assert result.exit_code == 0, result.stderr
     clf = Classifier(bundled_model, threads=1)
-    checked_corners = off_head_heat = 0
+    checked_corners = 0
     for scan in sample_scans:
         path = tmp_path / f"{scan.name}.heatmap.png"
         with Image.open(path) as png:
@@ -100,13 +100,15 @@ def test_cli_overlays_of_the_sample_scans(cli, bundled_model: Path, sample_scans
         in_box = np.zeros(far.shape, bool)
         in_box[t:b, left:right] = True
         checked_corners += int((far & in_box).sum())
-        off_head_heat += int((far & (heat > 0.1)).sum())
 
-        # ... and the heat is over the head, clearly coloured.
+        # ... and on the head the heat is drawn where the map is hot, clearly coloured (a focal map covers
+        # only a few percent of the head, so the test follows the map rather than an area).
         colourful = np.abs(scan_part[..., 0] - scan_part[..., 2]) > 25
-        assert colourful[~far].mean() > 0.05, f"{scan.name}: too little heat drawn"
+        hot = ~far & (heat >= 0.5)
+        assert hot.sum() > 500, f"{scan.name}: the map has a hot region on the head"
+        assert colourful[hot].mean() > 0.75, f"{scan.name}: the hot region is not drawn in colour"
+        assert colourful[~far & (heat < 0.05)].mean() < 0.05, f"{scan.name}: colour where the map is cold"
     assert checked_corners > 10_000, "the crop boxes' head-less corners were checked"
-    assert off_head_heat > 10_000, "the model's map does reach off the head there, and is not drawn"
 
 
 def test_api_overlay_spells_out_a_status_and_stays_bounded(bundled_model: Path, sample_scans: list[Path],
@@ -140,6 +142,23 @@ def test_api_overlay_spells_out_a_status_and_stays_bounded(bundled_model: Path, 
     assert ov.layout(ov.display_size(small.shape), 2, True).picture == (0, 0, 300, 240)
     # A strip far too thin to show keeps a caption panel MIN_WIDTH wide, the strip itself centred in it.
     assert ov.display_size((20000, 16)) == (1024, 1) and ov.layout((1024, 1), 2, True).size[0] == ov.MIN_WIDTH
+
+
+def test_heat_everywhere_is_drawn_over_the_head_only(sample_scans: list[Path]):
+    """A map hot over the whole picture (the bundled model's maps are focal and rarely leave the head, so
+    the CLI test above cannot show this): off the head the scan stays untouched grey, on it the heat shows.
+    "Off the head" is 10% of the side away here, not 5%: at full heat everywhere the feathered mask's faint
+    fringe (worked out on a copy of at most 128 px) shows up to 8% out on one sample (notumor_1, a corner)."""
+    for scan in sample_scans:
+        image = decode(scan)
+        gray = luma(image)
+        picture = ov.blend(image, np.ones(gray.shape, np.float32)).astype(int)
+        far = far_from_head(gray.astype(np.float32), margin=0.1)
+        assert far.sum() > 1000, f"{scan.name}: the scan has background to check"
+        assert (picture[far].max(axis=1) == picture[far].min(axis=1)).all(), f"{scan.name}: colour off the head"
+        assert np.abs(picture[far][:, 0] - gray[far].astype(int)).max() <= 1, f"{scan.name}: the scan changed"
+        colourful = np.abs(picture[..., 0] - picture[..., 2]) > 25
+        assert colourful[~far].mean() > 0.5, f"{scan.name}: the heat is not drawn over the head"
 
 
 def test_heat_on_a_reduced_picture_matches_the_full_size_map(bundled_model: Path, sample_scans: list[Path]):

@@ -111,17 +111,17 @@ def recover(model_path: str | Path) -> tuple[Any, dict[str, Any]]:
 def main(model: Path, out: Path) -> None:
     """Rebuild a custom-cnn .keras from its int8 .tflite file (see the module docstring for what it keeps).
 
-    Exit codes: 0 written; 1 not a custom-cnn file; 2 usage error.
+    Exit codes: 0 written; 1 not a custom-cnn file, or OUT is not a .keras path; 2 usage error.
     """
     from convert.keras_io import save_model
 
     try:
         keras_model, carried = recover(model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(keras_model, out, carried)
     except ValueError as exc:
         error(PROG, str(exc))
         sys.exit(1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(keras_model, out, carried)
     click.echo(f"wrote {out}: {keras_model.count_params():,} parameters, labels {', '.join(carried['labels'])}")
 
 

@@ -82,17 +82,17 @@ def main(start: Path, tuned: Path, alpha: float, out: Path) -> None:
     """Write (1 - ALPHA) x START + ALPHA x TUNED, weight by weight: TUNED must be fine-tuned from START
     (edge-train --init START). Convert the result with edge-convert like any edge-train model.
 
-    Exit codes: 0 written; 1 the two models are not one network; 2 usage error.
+    Exit codes: 0 written; 1 the two models are not one network, or OUT is not a .keras path; 2 usage error.
     """
     from convert.keras_io import save_model
 
     try:
         model, carried = blend(start, tuned, alpha)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, out, carried)
     except ValueError as exc:
         error(PROG, str(exc))
         sys.exit(1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, carried)
     click.echo(f"wrote {out}: {alpha:g} x {tuned.name} + {1 - alpha:g} x {start.name}")
 
 

@@ -146,6 +146,8 @@ def test_weight_average_walks_the_line_from_the_start_to_the_fine_tune(trained: 
     bad = CliRunner().invoke(average_main, [str(trained), str(other), "--alpha", "0.5", "--out", str(tmp_path / "b.keras")])
     assert bad.exit_code == 1 and "input_size" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "b.keras").exists()
+    h5 = CliRunner().invoke(average_main, [str(trained), str(fine_tuned), "--alpha", "0.5", "--out", str(tmp_path / "w.h5")])
+    assert h5.exit_code == 1 and "w.h5" in h5.output and len(h5.output.strip().splitlines()) == 1
 
 
 def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:

@@ -80,6 +80,33 @@ def edge_enhancement(x: Any, uniform: Callable[..., Any], normal: Callable[..., 
     return ops.clip(x + amount * (x - ops.average_pool(x, 3, 1, "same")), 0.0, 255.0)
 
 
+#: Knots of :func:`contrast_curves` over 0..1: five segments, enough to reorder a handful of tissue classes.
+CURVE_KNOTS = 6
+
+
+def contrast_curves(x: Any, uniform: Callable[..., Any], share: float) -> Any:
+    """On a random ``share`` of the images, every intensity mapped through its own random curve, 0..255 floats.
+
+    Why: the training tumours are mostly T1 (often post-contrast) slices, while a clinic also scans T2 and
+    FLAIR, where tissues keep their shapes but swap brightness (fluid dark on T1 and FLAIR, bright on T2;
+    oedema bright on FLAIR). A gain or gamma change cannot reorder tissues; a random piecewise-linear curve
+    with random, unordered values at :data:`CURVE_KNOTS` knots can, so the network has to find a lesion by its
+    shape and its contrast with the tissue around it rather than by one sequence's grey levels (the idea of
+    the contrast randomisation in SynthSeg, Billot et al. 2023). The curve keeps 0 at 0, so the background
+    stays black, and is rescaled to reach 255, as the contrast stretch of the preprocessing would. Written as
+    a sum of hat functions (elementwise ops, static shapes) so it runs in tf.data and in a model alike.
+    """
+    b = ops.shape(x)[0]
+    k = CURVE_KNOTS - 1
+    values = ops.concatenate([ops.zeros((b, 1)), uniform((b, k), 0.0, 1.0)], axis=1)
+    values = values / ops.maximum(ops.max(values, axis=1, keepdims=True), 1e-3)
+    v = ops.clip(x / 255.0, 0.0, 1.0) * k
+    y = ops.zeros_like(x)
+    for j in range(1, CURVE_KNOTS):
+        y = y + ops.reshape(values[:, j], (b, 1, 1, 1)) * ops.maximum(0.0, 1.0 - ops.abs(v - j))
+    return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < share, y * 255.0, x)
+
+
 class _RandomPixels(keras.layers.Layer):
     """A pixel-level random transform as a layer: random per image in training, the identity at inference."""
 
@@ -110,6 +137,23 @@ class SiteStyle(_RandomPixels):
     """:func:`site_style` as a layer."""
 
     transform = staticmethod(site_style)
+
+
+class ContrastCurves(keras.layers.Layer):
+    """:func:`contrast_curves` as a layer: a random curve on ``share`` of the images in training, else the identity."""
+
+    def __init__(self, share: float, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.share, self.seed = float(share), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        if not training:
+            return x
+        return contrast_curves(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator), self.share)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "share": self.share, "seed": self.seed}
 
 
 #: Images per batch through `scanner_variants` (bounds its float32 working copy).

@@ -55,7 +55,7 @@ class OutsideEnergy(keras.layers.Layer):
         return outside_energy(cam, grid) * ops.max(selector, axis=1)
 
 
-def wrapper(net: Any, feature_layer: str, seed: int) -> Any:
+def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0) -> Any:
     """``net`` behind augmentation, with outputs ``probabilities`` and ``outside`` (never saved; shares weights).
 
     Inputs: ``pixels`` [B, S, S, 1] (0..255), ``mask`` [B, S, S, 1] (0..1), ``selector`` [B, classes].
@@ -67,7 +67,10 @@ def wrapper(net: Any, feature_layer: str, seed: int) -> Any:
     mask = keras.Input((size, size, 1), name="mask")
     selector = keras.Input((classes,), name="selector")
     both = augment.build(seed)(ops.concatenate([pixels, mask], axis=-1))
-    image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(both[..., :1]))
+    image = both[..., :1]
+    if contrast_curves:
+        image = augment.ContrastCurves(contrast_curves, seed + 6, name="contrast_curves")(image)
+    image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(image))
     features = keras.Model(net.input, [net.get_layer(feature_layer).output, net.output], name="features")
     feats, probs = features(normalise(image, parse_norm("tf", 1)))
     stride = size // feats.shape[1]

@@ -56,6 +56,7 @@ class TrainConfig:
     healthy_per_epoch: int | None = None
     paste_fraction: float = 0.0
     mask_weight: float = 0.0
+    contrast_curves: float = 0.0
     freeze_batchnorm: bool = False
 
     @property
@@ -222,7 +223,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
     val = training_sources.compose(val_pools, np.random.default_rng(cfg.seed + 1000), None,
                                    int(round(cfg.paste_fraction * n_val_tumour)) if paste_n else 0)
-    model = guided.wrapper(net, "b3_out", cfg.seed)
+    model = guided.wrapper(net, "b3_out", cfg.seed, cfg.contrast_curves)
     batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
                                   cfg.batch_size, num)
     sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
@@ -236,7 +237,8 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     last = net.get_layer("b3_out").output.shape
     recipe = {"stride": cfg.stride, "last_width": int(last[-1]), "grid": int(last[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
-              "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum())}
+              "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum()),
+              "contrast_curves": cfg.contrast_curves}
     return net, hist.history, _val_accuracy(net, clean), recipe
 
 

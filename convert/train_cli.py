@@ -66,6 +66,10 @@ PROG = "edge-train"
                    "(real lesions pasted into healthy slices of every source, new ones every epoch).")
 @click.option("--mask-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --masks: weight of the loss on the true class's CAM energy outside the lesion mask.")
+@click.option("--contrast-curves", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="With --masks or --extra-healthy: share of training images whose intensities go through a "
+                   "random curve that reorders tissue brightness (as between T1, T2 and FLAIR), so lesions are "
+                   "found by shape and local contrast rather than by one sequence's grey levels.")
 @click.option("--freeze-batchnorm", is_flag=True,
               help="custom-cnn only: keep the batch norms' statistics fixed (inference mode). Needed with --init "
                    "from a model recovered from its .tflite file (python -m convert.from_tflite), whose batch "
@@ -76,7 +80,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
          feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, stride: str,
          last_width: int | None,
          masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
-         mask_weight: float, freeze_batchnorm: bool, seed: int) -> None:
+         mask_weight: float, contrast_curves: float, freeze_batchnorm: bool, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -118,6 +122,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
                                "--arch custom-cnn only")
     if masks is None and (paste_fraction or mask_weight):
         raise click.UsageError("--paste-fraction and --mask-weight need --masks")
+    if contrast_curves and not guided:
+        raise click.UsageError("--contrast-curves needs --masks or --extra-healthy (the generalising recipe)")
     if healthy_per_epoch and not extra_healthy:
         raise click.UsageError("--healthy-per-epoch needs --extra-healthy")
     w = None if weights in (None, "none") else weights
@@ -129,7 +135,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         weights=w, fine_tune_epochs=fine_tune_epochs, full_epochs=full_epochs, feature_copies=feature_copies,
         limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), last_width=last_width, masks=masks,
         extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
-        mask_weight=mask_weight, freeze_batchnorm=freeze_batchnorm,
+        mask_weight=mask_weight, contrast_curves=contrast_curves, freeze_batchnorm=freeze_batchnorm,
     )
     carried = train.run(cfg)
     t = carried["training"]

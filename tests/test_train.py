@@ -292,6 +292,33 @@ def test_edge_enhancement_sharpens_half_the_images_and_keeps_flat_regions() -> N
     np.testing.assert_allclose(y[:, 4:12, 11:15], x[:, 4:12, 11:15])
 
 
+def test_contrast_curves_reorder_tissue_brightness_keep_black_background_and_touch_only_their_share() -> None:
+    """Three "tissues" (grey levels 60, 120, 200) on a black background: a curve keeps the background at 0,
+    stays within 0..255 and maps each tissue to one new level; across images the order of the
+    tissues changes (a gain or gamma change never does), about ``share`` of the images change, and the
+    layer is the identity at inference."""
+    from convert import augment
+
+    x = np.zeros((400, 8, 8, 1), np.float32)
+    x[:, :, 2:4], x[:, :, 4:6], x[:, :, 6:] = 60.0, 120.0, 200.0
+    rng = np.random.default_rng(0)
+    y = np.asarray(augment.contrast_curves(x, lambda shape, lo, hi: rng.uniform(lo, hi, shape).astype(np.float32),
+                                           0.5))
+    changed = np.abs(y - x).max(axis=(1, 2, 3)) > 1e-3
+    assert 0.4 < changed.mean() < 0.6
+    np.testing.assert_array_equal(y[~changed], x[~changed])
+    c = y[changed]
+    assert (c[:, :, :2] == 0).all(), "background stays black"
+    assert c.min() >= 0 and c.max() <= 255.0 + 1e-3
+    levels = c[:, 0, [2, 4, 6], 0]
+    assert np.allclose(c[:, :, 2:4], levels[:, None, None, :1]), "one tissue, one new level"
+    orders = {tuple(np.argsort(row)) for row in levels}
+    assert len(orders) >= 5 and (0, 1, 2) in orders, "tissue order reshuffled, the original order among them"
+    layer = augment.ContrastCurves(1.0, seed=3)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
+    assert not np.allclose(np.asarray(layer(x, training=True)), x)
+
+
 MASKS = Path(__file__).parent / "data" / "mri_sample_masks"
 IXI = Path(__file__).parent / "data" / "ixi_sample"
 

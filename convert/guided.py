@@ -26,6 +26,7 @@ from convert.normalisation import apply as normalise, parse as parse_norm
 
 PROBABILITIES = "probabilities"
 OUTSIDE = "outside"
+ANCHOR = "anchor"
 #: Label smoothing of the cross-entropy, as in the plain recipe.
 LABEL_SMOOTHING = 0.05
 
@@ -55,10 +56,24 @@ class OutsideEnergy(keras.layers.Layer):
         return outside_energy(cam, grid) * ops.max(selector, axis=1)
 
 
-def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0) -> Any:
+class AnchorDivergence(keras.layers.Layer):
+    """[teacher probabilities, student probabilities, is-main flag] -> KL(teacher || student) per sample [B],
+    0 where the flag is 0."""
+
+    def call(self, teacher: Any, student: Any, is_main: Any) -> Any:
+        t = ops.clip(teacher, 1e-7, 1.0)
+        return ops.sum(t * (ops.log(t) - ops.log(ops.clip(student, 1e-7, 1.0))), axis=-1) * is_main
+
+
+def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0, teacher: Any = None) -> Any:
     """``net`` behind augmentation, with outputs ``probabilities`` and ``outside`` (never saved; shares weights).
 
     Inputs: ``pixels`` [B, S, S, 1] (0..255), ``mask`` [B, S, S, 1] (0..1), ``selector`` [B, classes].
+    With a frozen ``teacher`` (the model the fine-tune started from) also ``is_main`` [B] and the output
+    ``anchor``: how far the network's answer on the same augmented image has moved from the teacher's, on
+    the class folders' own images only (Learning without Forgetting, Li and Hoiem 2017). Why: the fine-tune
+    learns other sources and pasted tumours at the price of in-distribution accuracy; this keeps the
+    start's answers where the start was right without holding back what is new (other sources, pastes).
     Geometry moves pixels and mask together (stacked as two channels); intensity and site-style changes
     touch the pixels only; the mask is then averaged onto the feature-map grid.
     """
@@ -76,8 +91,14 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
     stride = size // feats.shape[1]
     grid = keras.layers.AveragePooling2D(stride, name="mask_grid")(both[..., 1:])[..., 0]
     outside = OutsideEnergy(net.get_layer("predictions"), name=OUTSIDE)(feats, grid, selector)
-    probs = keras.layers.Identity(name=PROBABILITIES)(probs)
-    return keras.Model([pixels, mask, selector], {PROBABILITIES: probs, OUTSIDE: outside}, name="guided")
+    outputs = {PROBABILITIES: keras.layers.Identity(name=PROBABILITIES)(probs), OUTSIDE: outside}
+    inputs = [pixels, mask, selector]
+    if teacher is not None:
+        teacher.trainable = False
+        is_main = keras.Input((), name="is_main")
+        inputs.append(is_main)
+        outputs[ANCHOR] = AnchorDivergence(name=ANCHOR)(teacher(normalise(image, parse_norm("tf", 1))), probs, is_main)
+    return keras.Model(inputs, outputs, name="guided")
 
 
 def own_value(y_true: Any, y_pred: Any) -> Any:
@@ -85,22 +106,29 @@ def own_value(y_true: Any, y_pred: Any) -> Any:
     return y_pred
 
 
-def compile_wrapper(model: Any, optimizer: Any, mask_weight: float) -> None:
-    """Cross-entropy on the probabilities plus ``mask_weight`` x the outside-mask energy."""
-    model.compile(optimizer=optimizer,
-                  loss={PROBABILITIES: keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
-                        OUTSIDE: own_value},
-                  loss_weights={PROBABILITIES: 1.0, OUTSIDE: float(mask_weight)},
+def compile_wrapper(model: Any, optimizer: Any, mask_weight: float, anchor_weight: float = 0.0) -> None:
+    """Cross-entropy on the probabilities plus ``mask_weight`` x the outside-mask energy, plus ``anchor_weight``
+    x the divergence from the teacher when the wrapper has one."""
+    losses = {PROBABILITIES: keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
+              OUTSIDE: own_value}
+    weights = {PROBABILITIES: 1.0, OUTSIDE: float(mask_weight)}
+    if ANCHOR in model.output_names:
+        losses[ANCHOR], weights[ANCHOR] = own_value, float(anchor_weight)
+    model.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
                   metrics={PROBABILITIES: ["accuracy"]},
                   jit_compile=keras.backend.backend() != "tensorflow")
 
 
-def as_batch(x: Any, masks: Any, y: Any, has_mask: Any, weight: Any, num_classes: int) -> tuple:
-    """Numpy samples -> (inputs, targets, sample weights) for :func:`wrapper`."""
+def as_batch(x: Any, masks: Any, y: Any, has_mask: Any, weight: Any, num_classes: int,
+             is_main: Any = None) -> tuple:
+    """Numpy samples -> (inputs, targets, sample weights) for :func:`wrapper` (``is_main`` for one with a teacher)."""
     onehot = np.eye(num_classes, dtype=np.float32)[y]
     inputs = {"pixels": x.astype(np.float32), "mask": (masks.astype(np.float32) / 255.0)[..., None],
               "selector": onehot * has_mask[:, None].astype(np.float32)}
     targets = {PROBABILITIES: onehot, OUTSIDE: np.zeros(y.size, np.float32)}
+    if is_main is not None:
+        inputs["is_main"] = is_main.astype(np.float32)
+        targets[ANCHOR] = np.zeros(y.size, np.float32)
     return inputs, targets, weight.astype(np.float32)
 
 
@@ -110,9 +138,9 @@ class EpochBatches(keras.utils.PyDataset):
     A ``PyDataset`` rather than tf.data so the same feeding works on every Keras backend.
     """
 
-    def __init__(self, stream: Any, batch_size: int, num_classes: int, **kwargs: Any) -> None:
+    def __init__(self, stream: Any, batch_size: int, num_classes: int, anchored: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.stream, self.batch_size, self.num_classes = stream, batch_size, num_classes
+        self.stream, self.batch_size, self.num_classes, self.anchored = stream, batch_size, num_classes, anchored
         self.epoch = next(stream)
 
     def __len__(self) -> int:
@@ -120,7 +148,8 @@ class EpochBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int) -> tuple:
         e, s = self.epoch, slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return as_batch(e.x[s], e.masks[s], e.y[s], e.has_mask[s], e.weight[s], self.num_classes)
+        return as_batch(e.x[s], e.masks[s], e.y[s], e.has_mask[s], e.weight[s], self.num_classes,
+                        e.is_main[s] if self.anchored else None)
 
     def on_epoch_end(self) -> None:
         self.epoch = next(self.stream)

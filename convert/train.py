@@ -57,6 +57,8 @@ class TrainConfig:
     paste_fraction: float = 0.0
     mask_weight: float = 0.0
     contrast_curves: float = 0.0
+    anchor_weight: float = 0.0
+    paste_into_main: bool = True
     freeze_batchnorm: bool = False
 
     @property
@@ -223,13 +225,20 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
     val = training_sources.compose(val_pools, np.random.default_rng(cfg.seed + 1000), None,
                                    int(round(cfg.paste_fraction * n_val_tumour)) if paste_n else 0)
-    model = guided.wrapper(net, "b3_out", cfg.seed, cfg.contrast_curves)
+    teacher = None
+    if cfg.anchor_weight:
+        teacher = keras.models.clone_model(net)
+        teacher.set_weights(net.get_weights())
+    anchored = teacher is not None
+    model = guided.wrapper(net, "b3_out", cfg.seed, cfg.contrast_curves, teacher)
     batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
-                                  cfg.batch_size, num)
+                                  cfg.batch_size, num, anchored)
     sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
                                                    alpha=0.05)
-    guided.compile_wrapper(model, keras.optimizers.AdamW(sched, weight_decay=1e-4), cfg.mask_weight)
-    hist = model.fit(batches, validation_data=guided.as_batch(val.x, val.masks, val.y, val.has_mask, val.weight, num),
+    guided.compile_wrapper(model, keras.optimizers.AdamW(sched, weight_decay=1e-4), cfg.mask_weight,
+                           cfg.anchor_weight)
+    hist = model.fit(batches, validation_data=guided.as_batch(val.x, val.masks, val.y, val.has_mask, val.weight, num,
+                                                              val.is_main if anchored else None),
                      epochs=cfg.epochs, verbose=0,
                      callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs (guided)", cfg.epochs, "", net))
     healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
@@ -238,7 +247,8 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     recipe = {"stride": cfg.stride, "last_width": int(last[-1]), "grid": int(last[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
               "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum()),
-              "contrast_curves": cfg.contrast_curves}
+              "contrast_curves": cfg.contrast_curves, "anchor_weight": cfg.anchor_weight,
+              "paste_into_main": cfg.paste_into_main}
     return net, hist.history, _val_accuracy(net, clean), recipe
 
 
@@ -512,7 +522,8 @@ def _guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
     if healthy is None:
         return training_sources.Pools(train, None), training_sources.Pools(val, None)
     tr, va = training_sources.subject_split(healthy.paths, cfg.val_fraction, cfg.seed)
-    return training_sources.Pools(train, healthy.take(tr)), training_sources.Pools(val, healthy.take(va))
+    return (training_sources.Pools(train, healthy.take(tr), cfg.paste_into_main),
+            training_sources.Pools(val, healthy.take(va), cfg.paste_into_main))
 
 
 def run(cfg: TrainConfig) -> dict:

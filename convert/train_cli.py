@@ -70,6 +70,13 @@ PROG = "edge-train"
               help="With --masks or --extra-healthy: share of training images whose intensities go through a "
                    "random curve that reorders tissue brightness (as between T1, T2 and FLAIR), so lesions are "
                    "found by shape and local contrast rather than by one sequence's grey levels.")
+@click.option("--anchor-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --init and the generalising recipe: weight of a loss that keeps the --init model's "
+                   "answers on the class folders' own images (KL divergence from a frozen copy; other sources' "
+                   "slices and pastes are free to move), so a fine-tune keeps in-distribution accuracy.")
+@click.option("--paste-into-main/--paste-into-other-only", default=True, show_default=True,
+              help="With --masks and --extra-healthy: paste tumours into DATA's own healthy slices too, or only "
+                   "into the other sources' (DATA's healthy slices then always stay healthy).")
 @click.option("--freeze-batchnorm", is_flag=True,
               help="custom-cnn only: keep the batch norms' statistics fixed (inference mode). Needed with --init "
                    "from a model recovered from its .tflite file (python -m convert.from_tflite), whose batch "
@@ -80,7 +87,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
          feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, stride: str,
          last_width: int | None,
          masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
-         mask_weight: float, contrast_curves: float, freeze_batchnorm: bool, seed: int) -> None:
+         mask_weight: float, contrast_curves: float, anchor_weight: float, paste_into_main: bool,
+         freeze_batchnorm: bool, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -124,6 +132,10 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         raise click.UsageError("--paste-fraction and --mask-weight need --masks")
     if contrast_curves and not guided:
         raise click.UsageError("--contrast-curves needs --masks or --extra-healthy (the generalising recipe)")
+    if anchor_weight and (not guided or init is None):
+        raise click.UsageError("--anchor-weight needs --init and --masks or --extra-healthy")
+    if not paste_into_main and (masks is None or not extra_healthy):
+        raise click.UsageError("--paste-into-other-only needs --masks and --extra-healthy")
     if healthy_per_epoch and not extra_healthy:
         raise click.UsageError("--healthy-per-epoch needs --extra-healthy")
     w = None if weights in (None, "none") else weights
@@ -135,7 +147,9 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         weights=w, fine_tune_epochs=fine_tune_epochs, full_epochs=full_epochs, feature_copies=feature_copies,
         limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), last_width=last_width, masks=masks,
         extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
-        mask_weight=mask_weight, contrast_curves=contrast_curves, freeze_batchnorm=freeze_batchnorm,
+        mask_weight=mask_weight, contrast_curves=contrast_curves, anchor_weight=anchor_weight,
+        paste_into_main=paste_into_main,
+        freeze_batchnorm=freeze_batchnorm,
     )
     carried = train.run(cfg)
     t = carried["training"]

@@ -73,11 +73,16 @@ class Pools:
 
     main: FolderData
     healthy: FolderData | None
+    #: Paste into the class folders' own healthy slices too (False: only into the other sources').
+    paste_into_main: bool = True
 
     def canvases(self) -> np.ndarray:
-        """Healthy slices of every source, the backgrounds tumours are pasted into."""
+        """Healthy slices the tumours are pasted into: every source's, or only the other sources' when
+        ``paste_into_main`` is off (then the class folders' healthy slices are only ever seen healthy)."""
         own = self.main.x[self.main.y == self.main.labels.index(HEALTHY)]
-        return own if self.healthy is None else np.concatenate([own, self.healthy.x])
+        if self.healthy is None:
+            return own
+        return np.concatenate([own, self.healthy.x]) if self.paste_into_main else self.healthy.x
 
     def donors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(images, masks, labels) of the tumour slices that have a mask."""
@@ -87,13 +92,15 @@ class Pools:
 
 @dataclass
 class Epoch:
-    """One epoch's (or the validation set's) samples: images, masks, labels, has-mask flags, class weights."""
+    """One epoch's (or the validation set's) samples: images, masks, labels, has-mask flags, class weights,
+    and which samples are the class folders' own images (not another source's slices, not pastes)."""
 
     x: np.ndarray
     masks: np.ndarray
     y: np.ndarray
     has_mask: np.ndarray
     weight: np.ndarray
+    is_main: np.ndarray
 
 
 def _weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -106,7 +113,7 @@ def compose(pools: Pools, rng: np.random.Generator, healthy_n: int | None, paste
     """All of ``main``, ``healthy_n`` random extra healthy slices (all when None) and ``paste_n`` fresh pastes."""
     m = pools.main
     size = m.x.shape[1]
-    xs, ms, ys, hs = [m.x], [m.masks], [m.y], [m.has_mask]
+    xs, ms, ys, hs, mains = [m.x], [m.masks], [m.y], [m.has_mask], [np.ones(m.y.size, bool)]
     if pools.healthy is not None and len(pools.healthy.y):
         n = len(pools.healthy.y)
         pick = np.sort(rng.permutation(n)[: n if healthy_n is None else min(n, healthy_n)])
@@ -114,14 +121,17 @@ def compose(pools: Pools, rng: np.random.Generator, healthy_n: int | None, paste
         ms.append(np.zeros((pick.size, size, size), np.uint8))
         ys.append(pools.healthy.y[pick])
         hs.append(np.zeros(pick.size, bool))
+        mains.append(np.zeros(pick.size, bool))
     if paste_n > 0:
         px, pm, py = paste_batch(pools.canvases(), *pools.donors(), paste_n, rng)
         xs.append(px)
         ms.append(pm)
         ys.append(py)
         hs.append(np.ones(py.size, bool))
+        mains.append(np.zeros(py.size, bool))
     y = np.concatenate(ys)
-    return Epoch(np.concatenate(xs), np.concatenate(ms), y, np.concatenate(hs), _weights(y, len(m.labels)))
+    return Epoch(np.concatenate(xs), np.concatenate(ms), y, np.concatenate(hs), _weights(y, len(m.labels)),
+                 np.concatenate(mains))
 
 
 def epochs(pools: Pools, seed: int, healthy_n: int | None, paste_n: int) -> Iterator[Epoch]:
@@ -130,4 +140,4 @@ def epochs(pools: Pools, seed: int, healthy_n: int | None, paste_n: int) -> Iter
     while True:
         e = compose(pools, rng, healthy_n, paste_n)
         order = rng.permutation(e.y.size)
-        yield Epoch(e.x[order], e.masks[order], e.y[order], e.has_mask[order], e.weight[order])
+        yield Epoch(e.x[order], e.masks[order], e.y[order], e.has_mask[order], e.weight[order], e.is_main[order])

@@ -67,6 +67,22 @@ def test_compose_adds_healthy_draws_and_pastes():
     assert abs(e.weight[e.y == 0].sum() - e.weight[e.y == 2].sum()) < 1e-5  # classes weigh the same in total
 
 
+def test_compose_marks_the_class_folders_images_and_can_keep_their_healthy_slices_unpasted():
+    """``is_main`` flags exactly the class folders' samples; with ``paste_into_main`` off every paste lies on
+    another source's slice (here the other source is 120 grey, the class folders' healthy 100 and 80)."""
+    donor, mask = _donor()
+    x = np.stack([donor, _head(), _head(80)])
+    main = FolderData(x, np.array([0, 2, 2]), ["glioma", "meningioma", "notumor", "pituitary"], ["a", "b", "c"], [],
+                      np.stack([mask, np.zeros_like(mask), np.zeros_like(mask)]), np.array([True, False, False]))
+    healthy = FolderData(np.stack([_head(120)] * 4), np.full(4, 2), main.labels, list("defg"), [])
+    e = compose(Pools(main, healthy), np.random.default_rng(0), 2, 40)
+    assert list(e.is_main) == [True] * 3 + [False] * 42
+    tissue = lambda img: int(np.median(img[..., 0][(blur((img[..., 0] > 0).astype(np.float32)) > 0.99)]))  # noqa: E731
+    assert {tissue(img) for img in e.x[-40:]} >= {100, 120}
+    only_other = compose(Pools(main, healthy, paste_into_main=False), np.random.default_rng(0), 2, 40)
+    assert {tissue(img) for img in only_other.x[-40:]} == {120}
+
+
 def test_validation_only_folders_are_refused(tmp_path):
     for bad in ("external-dev/tcga_lgg", "ixi-healthy/dev", "x/external-dev"):
         (tmp_path / bad).mkdir(parents=True)

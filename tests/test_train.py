@@ -319,6 +319,85 @@ def test_contrast_curves_reorder_tissue_brightness_keep_black_background_and_tou
     assert not np.allclose(np.asarray(layer(x, training=True)), x)
 
 
+def test_anchor_loss_keeps_the_start_answers_on_main_images_and_leaves_the_others_free() -> None:
+    """A network that learnt a toy task (a bright square = class 1) is fine-tuned on the opposite labels.
+    With the anchor, the class folders' images (is_main 1) keep the start's answers, while another source's
+    images (is_main 0, brighter noise) pay nothing and many follow their new labels (features are shared, so
+    not all); without it both flip. The
+    anchor is zero before the first step and on every image that is not the class folders' own."""
+    import keras
+
+    from convert import guided
+    from convert.architectures import custom_cnn
+
+    rng = np.random.default_rng(0)
+    n, size = 64, 32
+    is_main = np.arange(n) % 2 == 0
+    x = rng.uniform(0, 120, (n, size, size, 1)).astype(np.float32)
+    x[~is_main] += 120.0
+    x[n // 2:, 8:24, 8:24] = 255.0
+    y = (np.arange(n) >= n // 2).astype(np.int64)
+    masks, has, ones = np.zeros((n, size, size), np.uint8), np.zeros(n, bool), np.ones(n, np.float32)
+
+    keras.utils.set_random_seed(0)
+    start = custom_cnn(size, 1, 2, width=8)
+    for layer in start.layers:  # as the recipe's fine-tunes (--freeze-batchnorm): a 4-batch epoch cannot settle them
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    plain = guided.wrapper(start, "b3_out", seed=0)
+    guided.compile_wrapper(plain, keras.optimizers.Adam(3e-3), 0.0)
+    inputs, targets, weight = guided.as_batch(x, masks, y, has, ones, 2)
+    plain.fit(inputs, targets, sample_weight=weight, batch_size=16, epochs=12, verbose=0)
+    learnt = np.asarray(plain.predict(inputs, verbose=0)[guided.PROBABILITIES]).argmax(1) == y
+    assert learnt.mean() > 0.9, "the toy task is learnt"
+
+    def fine_tuned(anchor_weight: float) -> tuple[np.ndarray, np.ndarray]:
+        net = keras.models.clone_model(start)
+        net.set_weights(start.get_weights())
+        for layer in net.layers:
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        teacher = keras.models.clone_model(start)
+        teacher.set_weights(start.get_weights())
+        model = guided.wrapper(net, "b3_out", seed=1, teacher=teacher)
+        guided.compile_wrapper(model, keras.optimizers.Adam(3e-3), 0.0, anchor_weight)
+        inputs, targets, weight = guided.as_batch(x, masks, 1 - y, has, ones, 2, is_main)
+        before = np.asarray(model.predict(inputs, verbose=0)[guided.ANCHOR])
+        assert np.abs(before).max() < 1e-4
+        model.fit(inputs, targets, sample_weight=weight, batch_size=16, epochs=12, verbose=0)
+        after = model.predict(inputs, verbose=0)
+        assert (np.asarray(after[guided.ANCHOR])[~is_main] == 0).all()
+        kept = np.asarray(after[guided.PROBABILITIES]).argmax(1) == y
+        return kept[is_main].mean(), kept[~is_main].mean()
+
+    (held_main, held_other), (free_main, free_other) = fine_tuned(20.0), fine_tuned(0.0)
+    assert held_main > 0.9 and free_main < 0.3, (held_main, free_main)
+    assert held_other < 0.65 and free_other < 0.3, (held_other, free_other)
+
+
+def test_validation_probes_score_the_runs_own_held_out_images(trained: Path, tmp_path: Path) -> None:
+    """The probes use exactly the run's held-out images (same count as its files.json), paste held-out tumours
+    into held-out healthy slices, and report rates; a file that is not a model is one error line, exit 1."""
+    from convert.validation_probes import main as probes_main
+
+    args = ["--data", str(SAMPLE), "--masks", str(MASKS), "--extra-healthy", str(IXI), "--val-fraction", "0.25",
+            "--paste-fraction", "3"]
+    res = CliRunner().invoke(probes_main, [str(trained), *args, "--json"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.output.strip().splitlines()[-1])
+    held_out = json.loads((trained.parent / "tiny_run" / "files.json").read_text())["val"]
+    assert record["held_out"] == len(held_out)
+    for key in ("accuracy", "curves_accuracy", "curves_tumour_found", "curves_healthy_spared"):
+        assert 0.0 <= record[key] <= 1.0
+    # seed 0 holds out no masked tumour of this sample; seed 1's split holds out three
+    res = CliRunner().invoke(probes_main, [str(trained), *args, "--seed", "1", "--json"])
+    record = json.loads(res.output.strip().splitlines()[-1])
+    assert record["pastes"] > 0 and 0.0 <= record["pastes_found"] <= 1.0
+    bad = tmp_path / "not_a_model.keras"
+    bad.write_bytes(b"not a zip")
+    res = CliRunner().invoke(probes_main, [str(bad), *args])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "not_a_model.keras" in res.output
+
+
 MASKS = Path(__file__).parent / "data" / "mri_sample_masks"
 IXI = Path(__file__).parent / "data" / "ixi_sample"
 

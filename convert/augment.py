@@ -93,7 +93,7 @@ def contrast_curves(x: Any, uniform: Callable[..., Any], share: float) -> Any:
     with random, unordered values at :data:`CURVE_KNOTS` knots can, so the network has to find a lesion by its
     shape and its contrast with the tissue around it rather than by one sequence's grey levels (the idea of
     the contrast randomisation in SynthSeg, Billot et al. 2023). The curve keeps 0 at 0, so the background
-    stays black, and is rescaled to reach 255, as the contrast stretch of the preprocessing would. Written as
+    stays black, and its highest knot is 255, as the contrast stretch of the preprocessing would leave it. Written as
     a sum of hat functions (elementwise ops, static shapes) so it runs in tf.data and in a model alike.
     """
     b = ops.shape(x)[0]
@@ -120,8 +120,12 @@ class _RandomPixels(keras.layers.Layer):
     def call(self, x: Any, training: bool = False) -> Any:
         if not training:
             return x
-        return type(self).transform(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
-                                    lambda s: keras.random.normal(s, seed=self.generator))
+        return self.apply_random(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
+                                 lambda s: keras.random.normal(s, seed=self.generator))
+
+    def apply_random(self, x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
+        """The transform with this layer's random numbers (a subclass with parameters overrides this)."""
+        return type(self).transform(x, uniform, normal)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "seed": self.seed}
@@ -139,21 +143,18 @@ class SiteStyle(_RandomPixels):
     transform = staticmethod(site_style)
 
 
-class ContrastCurves(keras.layers.Layer):
+class ContrastCurves(_RandomPixels):
     """:func:`contrast_curves` as a layer: a random curve on ``share`` of the images in training, else the identity."""
 
     def __init__(self, share: float, seed: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.share, self.seed = float(share), seed
-        self.generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed, **kwargs)
+        self.share = float(share)
 
-    def call(self, x: Any, training: bool = False) -> Any:
-        if not training:
-            return x
-        return contrast_curves(x, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator), self.share)
+    def apply_random(self, x: Any, uniform: Callable[..., Any], normal: Callable[..., Any]) -> Any:
+        return contrast_curves(x, uniform, self.share)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "share": self.share, "seed": self.seed}
+        return {**super().get_config(), "share": self.share}
 
 
 #: Images per batch through `scanner_variants` (bounds its float32 working copy).

@@ -87,7 +87,8 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
         image = augment.ContrastCurves(contrast_curves, seed + 6, name="contrast_curves")(image)
     image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(image))
     features = keras.Model(net.input, [net.get_layer(feature_layer).output, net.output], name="features")
-    feats, probs = features(normalise(image, parse_norm("tf", 1)))
+    model_input = normalise(image, parse_norm("tf", 1))
+    feats, probs = features(model_input)
     stride = size // feats.shape[1]
     grid = keras.layers.AveragePooling2D(stride, name="mask_grid")(both[..., 1:])[..., 0]
     outside = OutsideEnergy(net.get_layer("predictions"), name=OUTSIDE)(feats, grid, selector)
@@ -97,7 +98,7 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
         teacher.trainable = False
         is_main = keras.Input((), name="is_main")
         inputs.append(is_main)
-        outputs[ANCHOR] = AnchorDivergence(name=ANCHOR)(teacher(normalise(image, parse_norm("tf", 1))), probs, is_main)
+        outputs[ANCHOR] = AnchorDivergence(name=ANCHOR)(teacher(model_input), probs, is_main)
     return keras.Model(inputs, outputs, name="guided")
 
 

@@ -463,10 +463,17 @@ def _custom_start(cfg: TrainConfig, labels: list[str]):
     if cfg.init is not None:
         _load_start(model, cfg, labels)
     if cfg.freeze_batchnorm:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
+        freeze_batchnorm(model)
     return model
+
+
+def freeze_batchnorm(model) -> None:
+    """Keep every batch norm of ``model`` in inference mode with its current statistics (see `_custom_start`)."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:
@@ -511,7 +518,7 @@ def _jsonable(value):
     return value
 
 
-def _guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
+def guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
     """(training pools, validation pools): the class-folder split plus extra healthy slices split by subject."""
     healthy = training_sources.load_healthy(list(cfg.extra_healthy), train.labels, cfg.input_size, PIPELINE,
                                             cfg.cache_dir)
@@ -526,28 +533,34 @@ def _guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
             training_sources.Pools(val, healthy.take(va), cfg.paste_into_main))
 
 
+def split_data(cfg: TrainConfig) -> tuple[Path, FolderData, FolderData, FolderData]:
+    """(training folder, all its images, training part, held-out part): ``cfg.data/Training`` or ``cfg.data``,
+    with masks when ``cfg.masks`` is given, split by class with ``cfg.val_fraction`` and ``cfg.seed``. One
+    function, so that anything scoring a run's held-out images (`convert.validation_probes`) gets the same ones."""
+    root = cfg.data / "Training" if (cfg.data / "Training").is_dir() else cfg.data
+    mask_root = None
+    if cfg.masks is not None:
+        training_sources.check_trainable(cfg.masks)
+        mask_root = cfg.masks / root.name if root != cfg.data and (cfg.masks / root.name).is_dir() else cfg.masks
+    data = _limit(load_folder(root, cfg.input_size, _channels(cfg.arch), PIPELINE, cache_dir=cfg.cache_dir,
+                              mask_root=mask_root), cfg.limit, cfg.seed)
+    tr_idx, va_idx = stratified_split(data.y, cfg.val_fraction, cfg.seed)
+    return root, data, data.take(tr_idx), data.take(va_idx)
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg.arch`` on ``cfg.data/Training`` (or ``cfg.data`` itself); save .keras + log + curves."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
-    root = cfg.data / "Training" if (cfg.data / "Training").is_dir() else cfg.data
-    channels = _channels(cfg.arch)
-    mask_root = None
-    if cfg.masks is not None:
-        training_sources.check_trainable(cfg.masks)
-        mask_root = cfg.masks / root.name if root != cfg.data and (cfg.masks / root.name).is_dir() else cfg.masks
-    data = _limit(load_folder(root, cfg.input_size, channels, PIPELINE, cache_dir=cfg.cache_dir,
-                              mask_root=mask_root), cfg.limit, cfg.seed)
-    tr_idx, va_idx = stratified_split(data.y, cfg.val_fraction, cfg.seed)
-    train, val = data.take(tr_idx), data.take(va_idx)
+    root, data, train, val = split_data(cfg)
     run_dir = cfg.out.parent / (cfg.out.stem + "_run")
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     recipe: dict = {}
     files = {"train": train.paths, "val": val.paths}
     if cfg.arch == "custom-cnn" and cfg.guided:
-        pools, val_pools = _guided_pools(cfg, train, val)
+        pools, val_pools = guided_pools(cfg, train, val)
         files["healthy_train"] = [] if pools.healthy is None else pools.healthy.paths
         files["healthy_val"] = [] if val_pools.healthy is None else val_pools.healthy.paths
         model, history, val_acc, recipe = train_guided(cfg, pools, val_pools, run_dir)
@@ -562,7 +575,7 @@ def run(cfg: TrainConfig) -> dict:
         "name": cfg.arch,
         "labels": data.labels,
         "input_size": cfg.input_size,
-        "channels": channels,
+        "channels": _channels(cfg.arch),
         "pipeline": PIPELINE,
         "preprocess": PREPROCESS,
         "training": {

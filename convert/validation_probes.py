@@ -43,16 +43,12 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
 
     from convert import augment, training_sources
     from convert import train as T
-    from convert.dataset import load_folder, stratified_split
 
-    root = data / "Training" if (data / "Training").is_dir() else data
-    mask_root = masks / root.name if root != data and (masks / root.name).is_dir() else masks
     cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("probe.keras"), input_size=size, epochs=1,
                         masks=masks, extra_healthy=extra_healthy, paste_fraction=paste_fraction,
                         cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
-    loaded = load_folder(root, size, 1, T.PIPELINE, cache_dir=cache_dir, mask_root=mask_root)
-    tr, va = stratified_split(loaded.y, cfg.val_fraction, seed)
-    _, pools = T._guided_pools(cfg, loaded.take(tr), loaded.take(va))
+    _, loaded, train, held_out = T.split_data(cfg)
+    _, pools = T.guided_pools(cfg, train, held_out)
     healthy = loaded.labels.index(HEALTHY)
     n_tumour = int(np.sum(pools.main.y != healthy))
     val = training_sources.compose(pools, np.random.default_rng(PASTE_SEED), None, int(round(paste_fraction * n_tumour)))
@@ -65,12 +61,10 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
             "curved": curved}
 
 
-def probe(model_path: Path, images: dict[str, Any]) -> dict[str, Any]:
-    """The two probes' figures for one Keras model of the same labels and input size."""
-    from convert.keras_io import load_model
+def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: dict[str, Any]) -> dict[str, Any]:
+    """The two probes' figures for one Keras model (loaded from ``model_path``) of the images' labels and size."""
     from convert.normalisation import apply as normalise, parse as parse_norm
 
-    model, carried = load_model(model_path)
     if carried is None or carried.get("labels") != images["labels"]:
         raise ValueError(f"{model_path}: not an edge-train model with labels {', '.join(images['labels'])}")
     norm = parse_norm(carried["preprocess"], carried.get("channels", 1))
@@ -119,12 +113,13 @@ def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple
     from convert.keras_io import load_model
 
     try:
-        sizes = {(load_model(m)[1] or {}).get("input_size") for m in models}
+        loaded = [load_model(m) for m in models]
+        sizes = {(carried or {}).get("input_size") for _, carried in loaded}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(f"{', '.join(map(str, models))}: not edge-train models of one input size")
         images = probe_images(data, masks, tuple(extra_healthy), sizes.pop(), paste_fraction, cache_dir,
                               val_fraction, seed)
-        rows = [probe(m, images) for m in models]
+        rows = [probe(m, model, carried, images) for m, (model, carried) in zip(models, loaded)]
     except ValueError as exc:
         error(PROG, str(exc))
         sys.exit(1)

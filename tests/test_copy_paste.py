@@ -29,6 +29,16 @@ def _donor() -> tuple[np.ndarray, np.ndarray]:
     return donor, mask
 
 
+def _sources() -> tuple[FolderData, FolderData]:
+    """Class folders (a glioma with its mask, healthy slices of tissue 100 and 80) and another source's healthy
+    slices (tissue 120)."""
+    donor, mask = _donor()
+    x = np.stack([donor, _head(), _head(80)])
+    main = FolderData(x, np.array([0, 2, 2]), ["glioma", "meningioma", "notumor", "pituitary"], ["a", "b", "c"], [],
+                      np.stack([mask, np.zeros_like(mask), np.zeros_like(mask)]), np.array([True, False, False]))
+    return main, FolderData(np.stack([_head(120)] * 4), np.full(4, 2), main.labels, list("defg"), [])
+
+
 def test_pasted_lesion_matches_its_mask():
     donor, mask = _donor()
     canvas = _head(100)
@@ -56,11 +66,7 @@ def test_lesion_over_background_is_refused_and_batch_keeps_labels():
 
 
 def test_compose_adds_healthy_draws_and_pastes():
-    donor, mask = _donor()
-    x = np.stack([donor, _head(), _head(80)])
-    main = FolderData(x, np.array([0, 2, 2]), ["glioma", "meningioma", "notumor", "pituitary"], ["a", "b", "c"], [],
-                      np.stack([mask, np.zeros_like(mask), np.zeros_like(mask)]), np.array([True, False, False]))
-    healthy = FolderData(np.stack([_head(120)] * 4), np.full(4, 2), main.labels, list("defg"), [])
+    main, healthy = _sources()
     e = compose(Pools(main, healthy), np.random.default_rng(0), 2, 6)
     assert e.y.size == 3 + 2 + 6 and int(e.has_mask.sum()) == 1 + 6
     assert np.all(e.y[-6:] == 0) and np.all(e.masks[~e.has_mask] == 0)
@@ -70,11 +76,7 @@ def test_compose_adds_healthy_draws_and_pastes():
 def test_compose_marks_the_class_folders_images_and_can_keep_their_healthy_slices_unpasted():
     """``is_main`` flags exactly the class folders' samples; with ``paste_into_main`` off every paste lies on
     another source's slice (here the other source is 120 grey, the class folders' healthy 100 and 80)."""
-    donor, mask = _donor()
-    x = np.stack([donor, _head(), _head(80)])
-    main = FolderData(x, np.array([0, 2, 2]), ["glioma", "meningioma", "notumor", "pituitary"], ["a", "b", "c"], [],
-                      np.stack([mask, np.zeros_like(mask), np.zeros_like(mask)]), np.array([True, False, False]))
-    healthy = FolderData(np.stack([_head(120)] * 4), np.full(4, 2), main.labels, list("defg"), [])
+    main, healthy = _sources()
     e = compose(Pools(main, healthy), np.random.default_rng(0), 2, 40)
     assert list(e.is_main) == [True] * 3 + [False] * 42
     tissue = lambda img: int(np.median(img[..., 0][(blur((img[..., 0] > 0).astype(np.float32)) > 0.99)]))  # noqa: E731

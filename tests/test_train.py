@@ -329,6 +329,7 @@ def test_anchor_loss_keeps_the_start_answers_on_main_images_and_leaves_the_other
 
     from convert import guided
     from convert.architectures import custom_cnn
+    from convert.train import freeze_batchnorm
 
     rng = np.random.default_rng(0)
     n, size = 64, 32
@@ -341,8 +342,7 @@ def test_anchor_loss_keeps_the_start_answers_on_main_images_and_leaves_the_other
 
     keras.utils.set_random_seed(0)
     start = custom_cnn(size, 1, 2, width=8)
-    for layer in start.layers:  # as the recipe's fine-tunes (--freeze-batchnorm): a 4-batch epoch cannot settle them
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    freeze_batchnorm(start)  # as the recipe's fine-tunes (--freeze-batchnorm): a 4-batch epoch cannot settle them
     plain = guided.wrapper(start, "b3_out", seed=0)
     guided.compile_wrapper(plain, keras.optimizers.Adam(3e-3), 0.0)
     inputs, targets, weight = guided.as_batch(x, masks, y, has, ones, 2)
@@ -353,8 +353,7 @@ def test_anchor_loss_keeps_the_start_answers_on_main_images_and_leaves_the_other
     def fine_tuned(anchor_weight: float) -> tuple[np.ndarray, np.ndarray]:
         net = keras.models.clone_model(start)
         net.set_weights(start.get_weights())
-        for layer in net.layers:
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        freeze_batchnorm(net)
         teacher = keras.models.clone_model(start)
         teacher.set_weights(start.get_weights())
         model = guided.wrapper(net, "b3_out", seed=1, teacher=teacher)

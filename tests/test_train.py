@@ -153,6 +153,64 @@ def test_weight_average_walks_the_line_from_the_start_to_the_fine_tune(trained: 
     assert h5.exit_code == 1 and "w.h5" in h5.output and len(h5.output.strip().splitlines()) == 1
 
 
+def test_operating_point_offset_on_hand_made_scores() -> None:
+    """The lowest notumor offset that meets the false-alarm budget: raised when the model is over it, lowered
+    (more tumours found) when it has budget to spare, an error when no offset on the grid meets it."""
+    from convert.operating_point import MAX_OFFSET, choose_offset, false_alarms
+
+    # column 1 is "healthy"; a row is a false alarm while the offset is below its margin (best tumour
+    # class over healthy): 0.92, 0.29, -0.51, -2.08
+    lp = np.log(np.array([[0.5, 0.2, 0.3], [0.4, 0.3, 0.3], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1]]))
+    margins = np.max(np.delete(lp, 1, axis=1), axis=1) - lp[:, 1]
+    assert false_alarms(lp, 1, 0.0) == 2 and false_alarms(lp, 1, 1.0) == 0
+    for budget in (0, 1, 2, 3):
+        off = choose_offset(lp, 1, budget)
+        assert false_alarms(lp, 1, off) <= budget < false_alarms(lp, 1, off - 0.05) or off == -MAX_OFFSET
+    # budget 0 needs every margin crossed: the first grid point above the largest margin
+    assert choose_offset(lp, 1, 0) == pytest.approx(np.ceil(margins.max() / 0.05 + 1e-9) * 0.05)
+    assert choose_offset(lp, 1, 3) < 0  # spare budget: the third slice may be called a tumour too
+    hopeless = np.log(np.array([[0.999999, 1e-6, 1e-6]]))
+    with pytest.raises(ValueError, match="no notumor offset"):
+        choose_offset(hopeless, 1, 0)
+
+
+def test_operating_point_moves_only_the_notumor_bias_to_the_references_false_alarms(
+        trained: Path, fine_tuned: Path, tmp_path: Path) -> None:
+    """The CLI scores the run's own held-out healthy slices (class folder and the extra source's held-out
+    subjects), writes the model with only its notumor bias moved, by the offset it records, to no more false
+    alarms than the reference; a file that is not a model is one error line, exit 1."""
+    import keras
+
+    from convert.keras_io import load_model
+    from convert.operating_point import held_out, log_probs, main as op_main
+
+    out = tmp_path / "op.keras"
+    args = ["--data", str(SAMPLE), "--extra-healthy", str(IXI), "--val-fraction", "0.25"]
+    res = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    with zipfile.ZipFile(out) as zf:
+        record = json.loads(zf.read("edge_mri.json"))["operating_point"]
+    images = held_out(SAMPLE, (IXI,), 32, None, 0.25, 0)
+    healthy = LABELS.index("notumor")
+    n_healthy = int(np.sum(images["y"] == healthy)) + len(images["extra"])
+    assert len(images["extra"]) > 0 and record["healthy_held_out"] == n_healthy
+    assert record["false_alarms_after"] <= record["reference_false_alarms"] and record["reference"] == trained.name
+    before, after = (keras.models.load_model(p, compile=False) for p in (fine_tuned, out))
+    wb, wa = before.get_weights(), after.get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(wb[:-1], wa[:-1]))
+    shift = np.zeros(len(LABELS), np.float32)
+    shift[healthy] = record["offset"]
+    assert np.allclose(wa[-1], wb[-1] + shift, atol=1e-6)
+    _, carried = load_model(out)
+    x = np.concatenate([images["x"][images["y"] == healthy], images["extra"]])
+    assert int(np.sum(log_probs(after, carried, x).argmax(1) != healthy)) == record["false_alarms_after"]
+    bad = tmp_path / "not_a_model.keras"
+    bad.write_bytes(b"not a zip")
+    res = CliRunner().invoke(op_main, [str(bad), "--reference", str(trained), *args, "--out", str(tmp_path / "b.keras")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "not_a_model.keras" in res.output
+
+
 def test_train_rejects_weights_for_custom_cnn(tmp_path: Path) -> None:
     from convert.train_cli import main as train_main
 

@@ -1,0 +1,175 @@
+"""Where a fine-tuned model says "no tumour": a notumor logit offset fixed on held-out training data.
+
+Why: the generalising fine-tune (other sources, tumour pastes, contrast curves) moves the border between
+"notumor" and the tumour classes. At the shipped model's false-alarm rate it finds more tumours on every
+external set, but at its own border it also calls more healthy slices a tumour, in the test split as in the
+clinic. Where the border sits is a choice of operating point, not of weights, and it is made as clinical
+tests make it: on held-out data, for a stated specificity. The rule here: the lowest offset added to the
+"notumor" logit at which the model raises no more false alarms on the run's held-out healthy slices (the
+class folders' held-out "notumor" images and the held-out subjects of each extra healthy source,
+`edge-train`'s own split) than a reference model, the one it is to replace, raises on the same slices.
+Only held-out training data decides; external scans never do.
+
+The offset is added to the bias of the final Dense layer, so the result is the same network (no new op,
+no latency), and the heatmap, the gradient of the predicted class's logit, is unchanged wherever the
+label is.
+
+    python -m convert.operating_point runs/wise50c2.keras --reference runs/shipped-recovered.keras \\
+        --data ../shared/data/brain-tumor-mri --extra-healthy ../shared/data/ixi-healthy/train \\
+        --cache-dir cache --out runs/wise50c2-op.keras
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from edge.cli_common import NonEmptyPath, OneLineCommand, error
+
+PROG = "operating_point"
+HEALTHY = "notumor"
+#: Offsets are searched on this grid (logit units), from 0 up to ``MAX_OFFSET``, in both directions.
+STEP, MAX_OFFSET = 0.05, 5.0
+
+
+def false_alarms(log_probs: np.ndarray, healthy: int, offset: float) -> int:
+    """Healthy slices (rows of ``log_probs``) called a tumour once ``offset`` is added to column ``healthy``."""
+    shifted = np.array(log_probs, np.float64)
+    shifted[:, healthy] += offset
+    return int(np.sum(shifted.argmax(1) != healthy))
+
+
+def choose_offset(log_probs: np.ndarray, healthy: int, budget: int) -> float:
+    """The lowest offset on the ``STEP`` grid (within +-``MAX_OFFSET``) at which the healthy slices' false
+    alarms are at most ``budget``: false alarms only fall as the offset rises, so this is the most tumours
+    found at that false-alarm count; negative when the model has budget to spare. Raises ValueError when
+    even ``MAX_OFFSET`` does not meet the budget."""
+    grid = np.round(np.arange(0.0, MAX_OFFSET + STEP / 2, STEP), 6)
+    if false_alarms(log_probs, healthy, 0.0) <= budget:
+        best = 0.0
+        for step in grid[1:]:
+            if false_alarms(log_probs, healthy, -float(step)) > budget:
+                break
+            best = -float(step)
+        return best
+    for step in grid[1:]:
+        if false_alarms(log_probs, healthy, float(step)) <= budget:
+            return float(step)
+    raise ValueError(f"no notumor offset up to {MAX_OFFSET:g} brings the false alarms down to {budget}")
+
+
+def shift_bias(model: Any, healthy: int, offset: float) -> None:
+    """Add ``offset`` to class ``healthy``'s bias in the model's last layer (a Dense with a bias)."""
+    import keras
+
+    last = model.layers[-1]
+    if not isinstance(last, keras.layers.Dense) or not last.use_bias:
+        raise ValueError(f"the model's last layer {last.name!r} is not a Dense layer with a bias")
+    kernel, bias = last.get_weights()
+    bias = np.array(bias, copy=True)
+    bias[healthy] += offset
+    last.set_weights([kernel, bias])
+
+
+def held_out(data: Path, extra_healthy: tuple[Path, ...], size: int, cache_dir: Path | None,
+             val_fraction: float, seed: int) -> dict[str, Any]:
+    """``edge-train``'s held-out images: the class folders' (x, y) and every extra source's held-out slices."""
+    from convert import train as T
+
+    cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("operating_point.keras"), input_size=size, epochs=1,
+                        extra_healthy=extra_healthy, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
+    _, loaded, train, val = T.split_data(cfg)
+    if extra_healthy:
+        _, pools = T.guided_pools(cfg, train, val)
+        extra = pools.healthy.x if pools.healthy is not None else np.zeros((0,) + val.x.shape[1:], val.x.dtype)
+    else:
+        extra = np.zeros((0,) + val.x.shape[1:], val.x.dtype)
+    return {"labels": loaded.labels, "x": val.x, "y": val.y, "extra": extra}
+
+
+def log_probs(model: Any, carried: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """Log of the model's class probabilities (logits up to a per-image constant) on prepared uint8 inputs."""
+    from convert.normalisation import apply as normalise, parse as parse_norm
+
+    if not len(x):
+        return np.zeros((0, len(carried["labels"])))
+    norm = parse_norm(carried["preprocess"], carried.get("channels", 1))
+    p = np.asarray(model.predict(normalise(x.astype(np.float32), norm), batch_size=128, verbose=0), np.float64)
+    return np.log(np.clip(p, 1e-12, 1.0))
+
+
+def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[str, Any],
+        images: dict[str, Any]) -> dict[str, Any]:
+    """Choose the offset for ``model`` against ``reference``; return the record (nothing is changed here)."""
+    for name, meta in (("model", carried), ("reference", ref_carried)):
+        if meta is None or meta.get("labels") != images["labels"]:
+            raise ValueError(f"the {name} is not an edge-train model with labels {', '.join(images['labels'])}")
+    healthy = images["labels"].index(HEALTHY)
+    y = images["y"]
+    healthy_x = np.concatenate([images["x"][y == healthy], images["extra"]])
+    tumour_x = images["x"][y != healthy]
+    budget = false_alarms(log_probs(reference, ref_carried, healthy_x), healthy, 0.0)
+    healthy_lp, tumour_lp = log_probs(model, carried, healthy_x), log_probs(model, carried, tumour_x)
+    offset = choose_offset(healthy_lp, healthy, budget)
+
+    def found(lp: np.ndarray, b: float) -> int:
+        return len(lp) - false_alarms(lp, healthy, b) if len(lp) else 0
+
+    return {"offset": offset, "class": HEALTHY, "healthy_held_out": int(len(healthy_x)),
+            "reference_false_alarms": budget, "false_alarms_before": false_alarms(healthy_lp, healthy, 0.0),
+            "false_alarms_after": false_alarms(healthy_lp, healthy, offset), "tumours_held_out": int(len(tumour_x)),
+            "tumours_called_healthy_before": found(tumour_lp, 0.0),
+            "tumours_called_healthy_after": found(tumour_lp, offset)}
+
+
+@click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_path", metavar="MODEL", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path))
+@click.option("--reference", required=True, type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
+              help="The model MODEL is to replace: its false alarms on the held-out healthy slices are the budget.")
+@click.option("--data", required=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
+              help="The training data both were trained on (edge-train's DATA).")
+@click.option("--extra-healthy", multiple=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
+              help="Healthy folders of other sources, as given to edge-train (their held-out subjects count).")
+@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.1, show_default=True,
+              help="edge-train's --val-fraction of the run (the same held-out images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="edge-train's --seed of the run.")
+@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
+              help="edge-train's image cache.")
+@click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
+              help="Where to write MODEL with the offset in its last bias (.keras).")
+def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Path, ...], val_fraction: float,
+         seed: int, cache_dir: Path | None, out: Path) -> None:
+    """Write MODEL with the lowest "notumor" logit offset at which it raises no more false alarms on the
+    run's held-out healthy slices than REFERENCE does; the offset and the counts go into the carried
+    metadata (`operating_point`) and are printed. Convert OUT with edge-convert like any edge-train model.
+
+    Exit codes: 0 written; 1 a model is not an edge-train model of these labels, no offset meets the budget,
+    or OUT is not a .keras path; 2 usage error.
+    """
+    from convert.keras_io import load_model, save_model
+
+    try:
+        model, carried = load_model(model_path)
+        ref, ref_carried = load_model(reference)
+        if carried is None or (ref_carried or {}).get("input_size") != carried.get("input_size"):
+            raise ValueError(f"{model_path}, {reference}: not edge-train models of one input size")
+        images = held_out(data, tuple(extra_healthy), carried["input_size"], cache_dir, val_fraction, seed)
+        record = fit(model, carried, ref, ref_carried, images)
+        shift_bias(model, images["labels"].index(HEALTHY), record["offset"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, out, {**carried, "operating_point": {**record, "reference": reference.name}})
+    except ValueError as exc:
+        error(PROG, str(exc))
+        sys.exit(1)
+    click.echo(f"wrote {out}: notumor offset {record['offset']:+.2f}; held-out healthy false alarms "
+               f"{record['false_alarms_before']} -> {record['false_alarms_after']} of {record['healthy_held_out']} "
+               f"(reference {record['reference_false_alarms']}); held-out tumours called healthy "
+               f"{record['tumours_called_healthy_before']} -> {record['tumours_called_healthy_after']} of "
+               f"{record['tumours_held_out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,9 @@
 
 For 200 randomly drawn test images (seed 0) it correlates each heatmap with the average heatmap of all of
 them. A median Pearson r near 1 means the map is mostly the same picture whatever the scan: faithful to
-the model, but no lesion marker. Also reports where the peak sits (fraction of the image height).
+the model, but no lesion marker. A map that is flat (no positive evidence anywhere, as a focal model's
+map of a healthy slice can be) has no correlation: those are counted and left out of r. Also reports
+where the peak sits (fraction of the image height) of the other maps.
 """
 from __future__ import annotations
 
@@ -18,14 +20,16 @@ from edge import Classifier
 
 
 def specificity(model: str, images: list[Path]) -> dict[str, float]:
-    """Median and 10th percentile of r(heatmap, mean heatmap), and the peak row's median and quartiles."""
+    """Median and 10th percentile of r(heatmap, mean heatmap) over the maps that are not flat, how many
+    are flat, and the peak row's median and quartiles."""
     clf = Classifier(model, threads=1)
     maps = np.stack([clf.classify(path).heatmap for path in images])
-    flat = maps.reshape(len(maps), -1)
-    mean = flat.mean(axis=0)
-    r = np.array([np.corrcoef(h, mean)[0, 1] for h in flat])
-    rows = np.array([np.unravel_index(np.argmax(h), h.shape)[0] / h.shape[0] for h in maps])
-    return {"median_r": float(np.median(r)), "p10_r": float(np.percentile(r, 10)),
+    vectors = maps.reshape(len(maps), -1)
+    mean = vectors.mean(axis=0)
+    varied = vectors.std(axis=1) > 0
+    r = np.array([np.corrcoef(h, mean)[0, 1] for h in vectors[varied]])
+    rows = np.array([np.unravel_index(np.argmax(h), h.shape)[0] / h.shape[0] for h in maps[varied]])
+    return {"flat": int(np.sum(~varied)), "median_r": float(np.median(r)), "p10_r": float(np.percentile(r, 10)),
             "peak_row_median": float(np.median(rows)), "peak_row_q1": float(np.percentile(rows, 25)),
             "peak_row_q3": float(np.percentile(rows, 75))}
 
@@ -40,7 +44,8 @@ def main() -> None:
     random.Random(0).shuffle(files)
     for model in args.models:
         s = specificity(model, files[: args.n])
-        print(f"{model}: r(heatmap, mean heatmap) median {s['median_r']:.3f}, p10 {s['p10_r']:.3f}; "
+        print(f"{model}: r(heatmap, mean heatmap) median {s['median_r']:.3f}, p10 {s['p10_r']:.3f} "
+              f"({args.n - s['flat']} maps; {s['flat']} flat, left out); "
               f"peak at {s['peak_row_median']:.2f} of the height (IQR {s['peak_row_q1']:.2f}-{s['peak_row_q3']:.2f})")
 
 

@@ -536,8 +536,10 @@ def guided_pools(cfg: TrainConfig, train: FolderData, val: FolderData):
 def split_data(cfg: TrainConfig) -> tuple[Path, FolderData, FolderData, FolderData]:
     """(training folder, all its images, training part, held-out part): ``cfg.data/Training`` or ``cfg.data``,
     with masks when ``cfg.masks`` is given, split by class with ``cfg.val_fraction`` and ``cfg.seed``. One
-    function, so that anything scoring a run's held-out images (`convert.validation_probes`) gets the same ones."""
+    function, so that anything scoring a run's held-out images (`convert.validation_probes`,
+    `convert.operating_point`) gets the same ones, and none of them can be pointed at validation-only data."""
     root = cfg.data / "Training" if (cfg.data / "Training").is_dir() else cfg.data
+    training_sources.check_trainable(root)
     mask_root = None
     if cfg.masks is not None:
         training_sources.check_trainable(cfg.masks)

@@ -204,6 +204,12 @@ def test_operating_point_moves_only_the_notumor_bias_to_the_references_false_ala
     _, carried = load_model(out)
     x = np.concatenate([images["x"][images["y"] == healthy], images["extra"]])
     assert int(np.sum(log_probs(after, carried, x).argmax(1) != healthy)) == record["false_alarms_after"]
+    outside = tmp_path / "external-dev" / "feltrin44"  # the offset is never chosen on external scans
+    for label in LABELS:
+        (outside / label).mkdir(parents=True)
+    res = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), "--data", str(outside),
+                                       "--out", str(tmp_path / "x.keras")])
+    assert res.exit_code == 2 and "validation-only" in res.output and not (tmp_path / "x.keras").exists()
     bad = tmp_path / "not_a_model.keras"
     bad.write_bytes(b"not a zip")
     res = CliRunner().invoke(op_main, [str(bad), "--reference", str(trained), *args, "--out", str(tmp_path / "b.keras")])
@@ -505,6 +511,12 @@ def test_guided_options_are_checked(tmp_path: Path) -> None:
     bad = tmp_path / "external-dev" / "healthy"
     bad.mkdir(parents=True)
     res = CliRunner().invoke(train_main, base + ["--extra-healthy", str(bad), "--epochs", "1"])
+    assert res.exit_code == 2 and "validation-only" in res.output
+    # nor can DATA itself be external data: not for training, nor for choosing an operating point on it
+    outside = tmp_path / "external-dev" / "feltrin44"
+    for label in LABELS:
+        (outside / label).mkdir(parents=True)
+    res = CliRunner().invoke(train_main, [str(outside), "--out", str(tmp_path / "y.keras"), "--epochs", "1"])
     assert res.exit_code == 2 and "validation-only" in res.output
 
 

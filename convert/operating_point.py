@@ -20,6 +20,7 @@ label is.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,9 @@ def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[s
               help="edge-train's image cache.")
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Where to write MODEL with the offset in its last bias (.keras).")
+@click.option("--json", "as_json", is_flag=True, help="Print the record (offset and counts) as JSON instead of the line.")
 def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Path, ...], val_fraction: float,
-         seed: int, cache_dir: Path | None, out: Path) -> None:
+         seed: int, cache_dir: Path | None, out: Path, as_json: bool) -> None:
     """Write MODEL with the lowest "notumor" logit offset at which it raises no more false alarms on the
     run's held-out healthy slices than REFERENCE does; the offset and the counts go into the carried
     metadata (`operating_point`) and are printed. Convert OUT with edge-convert like any edge-train model.
@@ -164,6 +166,9 @@ def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Pat
     except ValueError as exc:
         error(PROG, str(exc))
         sys.exit(1)
+    if as_json:
+        click.echo(json.dumps({**record, "reference": reference.name, "out": str(out)}))
+        return
     click.echo(f"wrote {out}: notumor offset {record['offset']:+.2f}; held-out healthy false alarms "
                f"{record['false_alarms_before']} -> {record['false_alarms_after']} of {record['healthy_held_out']} "
                f"(reference {record['reference_false_alarms']}); held-out tumours called healthy "

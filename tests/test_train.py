@@ -186,10 +186,12 @@ def test_operating_point_moves_only_the_notumor_bias_to_the_references_false_ala
 
     out = tmp_path / "op.keras"
     args = ["--data", str(SAMPLE), "--extra-healthy", str(IXI), "--val-fraction", "0.25"]
-    res = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), *args, "--out", str(out)])
+    res = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), *args, "--out", str(out),
+                                       "--json"])
     assert res.exit_code == 0, res.output
     with zipfile.ZipFile(out) as zf:
         record = json.loads(zf.read("edge_mri.json"))["operating_point"]
+    assert json.loads(res.output.strip().splitlines()[-1]) == {**record, "out": str(out)}
     images = held_out(SAMPLE, (IXI,), 32, None, 0.25, 0)
     healthy = LABELS.index("notumor")
     n_healthy = int(np.sum(images["y"] == healthy)) + len(images["extra"])

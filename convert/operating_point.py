@@ -28,6 +28,7 @@ from typing import Any
 import click
 import numpy as np
 
+from convert.run_split import run_split_options
 from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "operating_point"
@@ -130,15 +131,7 @@ def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[s
 @click.argument("model_path", metavar="MODEL", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path))
 @click.option("--reference", required=True, type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
               help="The model MODEL is to replace: its false alarms on the held-out healthy slices are the budget.")
-@click.option("--data", required=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
-              help="The training data both were trained on (edge-train's DATA).")
-@click.option("--extra-healthy", multiple=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
-              help="Healthy folders of other sources, as given to edge-train (their held-out subjects count).")
-@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.1, show_default=True,
-              help="edge-train's --val-fraction of the run (the same held-out images).")
-@click.option("--seed", type=int, default=0, show_default=True, help="edge-train's --seed of the run.")
-@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
-              help="edge-train's image cache.")
+@run_split_options
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Where to write MODEL with the offset in its last bias (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record (offset and counts) as JSON instead of the line.")
@@ -148,8 +141,14 @@ def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Pat
     run's held-out healthy slices than REFERENCE does; the offset and the counts go into the carried
     metadata (`operating_point`) and are printed. Convert OUT with edge-convert like any edge-train model.
 
+    \b
+    Example (the shipped custom-cnn's second round against the file it replaced):
+      python -m convert.operating_point runs/custom-cnn-wise50c2.keras \\
+          --reference runs/shipped-recovered.keras --data ../shared/data/brain-tumor-mri \\
+          --extra-healthy ../shared/data/ixi-healthy/train --cache-dir cache --out runs/op.keras
+
     Exit codes: 0 written; 1 a model is not an edge-train model of these labels, no offset meets the budget,
-    or OUT is not a .keras path; 2 usage error.
+    or OUT is not a .keras path; 2 usage error (a DATA folder inside validation-only data among them).
     """
     from convert.keras_io import load_model, save_model
 

@@ -27,6 +27,7 @@ from typing import Any
 import click
 import numpy as np
 
+from convert.run_split import run_split_options
 from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "validation_probes"
@@ -89,19 +90,11 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
 
 @click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path))
-@click.option("--data", required=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
-              help="The training data the models were trained on (edge-train's DATA).")
+@run_split_options
 @click.option("--masks", required=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
-              help="Its lesion masks (edge-train's --masks).")
-@click.option("--extra-healthy", multiple=True, type=NonEmptyPath(file_okay=False, exists=True, path_type=Path),
-              help="Healthy folders of other sources, as given to edge-train (their held-out subjects are canvases).")
+              help="The training data's lesion masks (edge-train's --masks).")
 @click.option("--paste-fraction", type=click.FloatRange(0, 5), default=0.35, show_default=True,
               help="Pastes per held-out tumour slice.")
-@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.1, show_default=True,
-              help="edge-train's --val-fraction of the runs (the probes use the same held-out images).")
-@click.option("--seed", type=int, default=0, show_default=True, help="edge-train's --seed of the runs.")
-@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
-              help="edge-train's image cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per model instead of the table.")
 def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple[Path, ...], paste_fraction: float,
          val_fraction: float, seed: int, cache_dir: Path | None, as_json: bool) -> None:

@@ -229,3 +229,40 @@ def test_converted_tflite_agrees_with_its_keras_model(keras_model: Path, data_di
             clear += 1
             assert tp[path].argmax() == probs.argmax(), path
     assert clear >= len(kp) // 2
+
+
+def test_paired_comparison_of_two_runs(keras_model: Path, tiny_model_path: Path, data_dir: Path,
+                                       dedup_report: Path, tmp_path: Path):
+    """convert.paired reads two real edge-evaluate outputs: the images only one model gets right, the exact
+    McNemar p of that split, errors with / without a training copy; a run against itself changes nothing; runs
+    of different images are one error line, exit 1."""
+    from convert.metrics import mcnemar_exact
+    from convert.paired import main as paired_main
+
+    outs = []
+    for model, name in ((keras_model, "a"), (tiny_model_path, "b")):
+        res = CliRunner().invoke(main, [str(model), str(data_dir), "--dedup", str(dedup_report), "--out",
+                                        str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        outs.append(tmp_path / name)
+    res = CliRunner().invoke(paired_main, [str(outs[0]), str(outs[1] / "metrics.json"), "--dedup",
+                                           str(dedup_report), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    preds = [{match_key(p["path"]): p["true"] == p["predicted"]
+              for p in json.loads((o / "metrics.json").read_text())["predictions"]} for o in outs]
+    only_a = sorted(k for k in preds[0] if preds[0][k] and not preds[1][k])
+    only_b = sorted(k for k in preds[0] if preds[1][k] and not preds[0][k])
+    assert (got["right_only_a"], got["right_only_b"]) == (only_a, only_b)
+    assert got["mcnemar_p"] == mcnemar_exact(len(only_a), len(only_b))
+    kept = set(json.loads(dedup_report.read_text())["dedup_test"])
+    for name, right in (("a", preds[0]), ("b", preds[1])):
+        errors = [k for k, ok in right.items() if not ok]
+        assert got[f"errors_{name}"] == {"with_copy": sum(k not in kept for k in errors),
+                                         "without_copy": sum(k in kept for k in errors)}
+    same = CliRunner().invoke(paired_main, [str(outs[0]), str(outs[0]), "--json"])
+    assert json.loads(same.output)["only_a"] == 0 and json.loads(same.output)["mcnemar_p"] == 1.0
+    res = CliRunner().invoke(main, [str(keras_model), str(data_dir), "--limit", "1", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(paired_main, [str(outs[0]), str(tmp_path / "c")])
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1 and "same images" in bad.output

@@ -157,3 +157,13 @@ def test_wilson_interval_edges():
     assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError, match="0 <= k <= n"):
         metrics.wilson_interval(5, 4)
+
+
+def test_mcnemar_exact_by_hand() -> None:
+    """Two-sided exact binomial test of the discordant pairs: 8 vs 3 -> 2 * P(X <= 3 | n=11) = 2 * 232/2048."""
+    assert metrics.mcnemar_exact(8, 3) == pytest.approx(2 * (1 + 11 + 55 + 165) / 2048)
+    assert metrics.mcnemar_exact(3, 8) == metrics.mcnemar_exact(8, 3)
+    assert metrics.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert metrics.mcnemar_exact(0, 0) == 1.0 and metrics.mcnemar_exact(4, 4) == 1.0
+    with pytest.raises(ValueError):
+        metrics.mcnemar_exact(-1, 2)

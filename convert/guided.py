@@ -65,6 +65,23 @@ class AnchorDivergence(keras.layers.Layer):
         return ops.sum(t * (ops.log(t) - ops.log(ops.clip(student, 1e-7, 1.0))), axis=-1) * is_main
 
 
+def feature_model(net: Any, feature_layer: str) -> Any:
+    """``net``'s input -> [the feature map at ``feature_layer``, ``net``'s output], sharing its weights.
+
+    A layer of the network's own graph (custom-cnn's ``b3_out``) is read off directly; a nested base model
+    (Xception, whose inner graph Keras does not connect to the outer input) is called whole on a new input
+    and the head layers after it (pooling, dropout, dense) are applied to its output in order.
+    """
+    layer = net.get_layer(feature_layer)
+    if not isinstance(layer, keras.Model):
+        return keras.Model(net.input, [layer.output, net.output], name="features")
+    inp = keras.Input(net.input_shape[1:], name="features_in")
+    fmap = x = layer(inp)
+    for head in net.layers[net.layers.index(layer) + 1:]:
+        x = head(x)
+    return keras.Model(inp, [fmap, x], name="features")
+
+
 def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0, teacher: Any = None) -> Any:
     """``net`` behind augmentation, with outputs ``probabilities`` and ``outside`` (never saved; shares weights).
 
@@ -75,7 +92,8 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
     learns other sources and pasted tumours at the price of in-distribution accuracy; this keeps the
     start's answers where the start was right without holding back what is new (other sources, pastes).
     Geometry moves pixels and mask together (stacked as two channels); intensity and site-style changes
-    touch the pixels only; the mask is then averaged onto the feature-map grid.
+    touch the pixels only; the mask is then averaged onto the feature-map grid. The images are grayscale; a
+    three-channel network (Xception) gets the gray image in all three, as `edge.preprocess.prepare` gives it.
     """
     size, classes = net.input_shape[1], net.output_shape[-1]
     pixels = keras.Input((size, size, 1), name="pixels")
@@ -86,8 +104,10 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
     if contrast_curves:
         image = augment.ContrastCurves(contrast_curves, seed + 6, name="contrast_curves")(image)
     image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(image))
-    features = keras.Model(net.input, [net.get_layer(feature_layer).output, net.output], name="features")
+    features = feature_model(net, feature_layer)
     model_input = normalise(image, parse_norm("tf", 1))
+    if net.input_shape[-1] != 1:
+        model_input = ops.repeat(model_input, net.input_shape[-1], axis=-1)
     feats, probs = features(model_input)
     stride = size // feats.shape[1]
     grid = keras.layers.AveragePooling2D(stride, name="mask_grid")(both[..., 1:])[..., 0]

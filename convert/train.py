@@ -108,6 +108,8 @@ def _plain_batches(x: np.ndarray, y: np.ndarray, batch: int, num_classes: int):
 def _val_accuracy(model, val: FolderData) -> float:
     """Accuracy on the clean (un-augmented) validation images, the figure models are chosen by."""
     x = normalise(val.x.astype(np.float32), parse_norm(PREPROCESS, val.x.shape[-1]))
+    if x.shape[-1] != model.input_shape[-1]:  # the guided recipe's gray images, for a three-channel network
+        x = np.repeat(x, model.input_shape[-1], axis=-1)
     return float(np.mean(np.argmax(model.predict(x, batch_size=64, verbose=0), axis=1) == val.y))
 
 
@@ -206,9 +208,26 @@ def train_custom(cfg: TrainConfig, train: FolderData, val: FolderData, run_dir: 
     return model, hist.history, _val_accuracy(model, val)
 
 
+def _guided_start(cfg: TrainConfig, labels: list[str]):
+    """(network, the layer its heatmap is taken at) for the generalising recipe.
+
+    custom-cnn: as `_custom_start` builds it, the map at ``b3_out``. xception: the edge-train model given as
+    ``--init`` (the recipe is a fine-tune of a trained classifier, not a start from ImageNet), every batch
+    norm frozen as in its phase 3, the map at the nested base's output (what `edge-convert` explains).
+    """
+    if cfg.arch == "custom-cnn":
+        return _custom_start(cfg, labels), "b3_out"
+    from convert.architectures import xception
+
+    model, base = xception(cfg.input_size, len(labels), None)
+    _load_start(model, cfg, labels)
+    freeze_batchnorm(model)
+    return model, base.name
+
+
 def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
-    """The generalising custom-CNN recipe: class folders + other healthy sources + fresh tumour pastes every
-    epoch, site-style augmentation, and the mask-guided CAM loss (:mod:`convert.guided`).
+    """The generalising recipe: class folders + other healthy sources + fresh tumour pastes every epoch,
+    site-style augmentation, and the mask-guided CAM loss (:mod:`convert.guided`).
 
     Validation is the held-out part of every pool plus pastes made only from held-out images (fixed seed),
     so the checkpoint chosen is the one that also finds pasted tumours in other sources' brains.
@@ -219,7 +238,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
 
     labels = pools.main.labels
     num = len(labels)
-    net = _custom_start(cfg, labels)
+    net, feature_layer = _guided_start(cfg, labels)
     n_tumour = int(np.sum(pools.main.y != labels.index(training_sources.HEALTHY)))
     paste_n = int(round(cfg.paste_fraction * n_tumour)) if pools.main.masks is not None else 0
     n_val_tumour = int(np.sum(val_pools.main.y != labels.index(training_sources.HEALTHY)))
@@ -230,7 +249,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
         teacher = keras.models.clone_model(net)
         teacher.set_weights(net.get_weights())
     anchored = teacher is not None
-    model = guided.wrapper(net, "b3_out", cfg.seed, cfg.contrast_curves, teacher)
+    model = guided.wrapper(net, feature_layer, cfg.seed, cfg.contrast_curves, teacher)
     batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
                                   cfg.batch_size, num, anchored)
     sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
@@ -240,11 +259,11 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     hist = model.fit(batches, validation_data=guided.as_batch(val.x, val.masks, val.y, val.has_mask, val.weight, num,
                                                               val.is_main if anchored else None),
                      epochs=cfg.epochs, verbose=0,
-                     callbacks=_callbacks(cfg, run_dir, "custom-cnn epochs (guided)", cfg.epochs, "", net))
+                     callbacks=_callbacks(cfg, run_dir, f"{cfg.arch} epochs (guided)", cfg.epochs, "", net))
     healthy_n = 0 if pools.healthy is None else (cfg.healthy_per_epoch or len(pools.healthy.y))
     clean = FolderData(val.x, val.y, labels, [], [])
-    last = net.get_layer("b3_out").output.shape
-    recipe = {"stride": cfg.stride, "last_width": int(last[-1]), "grid": int(last[1]),
+    last = guided.feature_model(net, feature_layer).outputs[0].shape
+    recipe = {"stride": cfg.input_size // int(last[1]), "last_width": int(last[-1]), "grid": int(last[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
               "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum()),
               "contrast_curves": cfg.contrast_curves, "anchor_weight": cfg.anchor_weight,
@@ -474,6 +493,8 @@ def freeze_batchnorm(model) -> None:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
+        elif isinstance(layer, keras.Model):  # a nested base (Xception)
+            freeze_batchnorm(layer)
 
 
 def _load_start(model, cfg: TrainConfig, labels: list[str]) -> None:
@@ -544,7 +565,10 @@ def split_data(cfg: TrainConfig) -> tuple[Path, FolderData, FolderData, FolderDa
     if cfg.masks is not None:
         training_sources.check_trainable(cfg.masks)
         mask_root = cfg.masks / root.name if root != cfg.data and (cfg.masks / root.name).is_dir() else cfg.masks
-    data = _limit(load_folder(root, cfg.input_size, _channels(cfg.arch), PIPELINE, cache_dir=cfg.cache_dir,
+    # The generalising recipe composes class-folder slices, other sources' slices and pastes in gray, one
+    # channel, whatever the network (a three-channel one gets them repeated, see `convert.guided.wrapper`).
+    channels = 1 if cfg.guided else _channels(cfg.arch)
+    data = _limit(load_folder(root, cfg.input_size, channels, PIPELINE, cache_dir=cfg.cache_dir,
                               mask_root=mask_root), cfg.limit, cfg.seed)
     tr_idx, va_idx = stratified_split(data.y, cfg.val_fraction, cfg.seed)
     return root, data, data.take(tr_idx), data.take(va_idx)
@@ -561,7 +585,7 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.time()
     recipe: dict = {}
     files = {"train": train.paths, "val": val.paths}
-    if cfg.arch == "custom-cnn" and cfg.guided:
+    if cfg.guided:
         pools, val_pools = guided_pools(cfg, train, val)
         files["healthy_train"] = [] if pools.healthy is None else pools.healthy.paths
         files["healthy_val"] = [] if val_pools.healthy is None else val_pools.healthy.paths

@@ -45,7 +45,8 @@ PROG = "edge-train"
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Start from this edge-train model (.keras) or an earlier run's checkpoint (.weights.h5) of "
                    "the same architecture and size: a second stage when validation accuracy was still rising. "
-                   "xception: skips phases 1-2 and continues phase 3 (needs --full-epochs).")
+                   "xception: skips phases 1-2 and continues phase 3 (needs --full-epochs), or, with --masks or "
+                   "--extra-healthy, is the model the generalising recipe fine-tunes.")
 @click.option("--stride", type=click.Choice(["8", "16"]), default="16", show_default=True,
               help="custom-cnn only: total stride of the last feature map, i.e. the heatmap grid (8: 12x12 at "
                    "96 px, fine enough to mark a lesion; 16: 6x6, the first releases).")
@@ -53,10 +54,11 @@ PROG = "edge-train"
               help="custom-cnn only: channels of the last stage [default: 8x the first stage, 256]. With "
                    "--stride 8, 128 keeps int8 invoke near the stride-16 network's (measured +6%; 256: +72%).")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="custom-cnn only: lesion masks mirroring DATA (Training/<class>/ or <class>/; a .png per image where known). "
-                   "Turns on tumour copy-paste and the mask-guided heatmap loss.")
+              help="Lesion masks mirroring DATA (Training/<class>/ or <class>/; a .png per image where known). "
+                   "Turns on tumour copy-paste and the mask-guided heatmap loss (the generalising recipe; "
+                   "xception: a fine-tune of --init for --epochs, batch norms frozen).")
 @click.option("--extra-healthy", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
-              help="custom-cnn only, repeatable: a folder of healthy slices of another source, trained as "
+              help="Repeatable: a folder of healthy slices of another source, trained as "
                    "'notumor' (split by subject: the file name up to its first '_'). Validation-only folders "
                    "(external-dev, IXI dev) are refused.")
 @click.option("--healthy-per-epoch", type=click.IntRange(min=1), default=None,
@@ -108,6 +110,11 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
       KERAS_BACKEND=jax edge-train ../shared/data/brain-tumor-mri --arch xception \\
           --weights ../shared/weights/xception_imagenet_notop.weights.h5 --out runs/xception.keras \\
           --input-size 150 --epochs 3 --fine-tune-epochs 0 --full-epochs 14 --batch-size 32
+      # the generalising recipe as a fine-tune of that model:
+      KERAS_BACKEND=jax edge-train ../shared/data/brain-tumor-mri --arch xception --init runs/xception.keras \\
+          --out runs/xception-g.keras --input-size 150 --epochs 8 --lr 1e-4 \\
+          --masks ../shared/data/brain-tumor-mri-masks --extra-healthy ../shared/data/ixi-healthy/train \\
+          --healthy-per-epoch 1200 --paste-fraction 0.35 --mask-weight 0.25 --contrast-curves 0.3
 
     Exit codes: 0 trained and saved; 1 bad data or options; 2 usage error, or the `convert` extra (Keras
     and its backend) is not installed.
@@ -118,16 +125,18 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
 
     if weights is not None and arch != "xception":
         raise click.UsageError("--weights applies to --arch xception only")
-    if arch == "xception" and weights is None:
+    if arch == "xception" and weights is None and not (masks is not None or extra_healthy):
         raise click.UsageError("--arch xception needs --weights imagenet|PATH|none")
     if full_epochs and arch != "xception":
         raise click.UsageError("--full-epochs applies to --arch xception only")
-    if init is not None and arch == "xception" and not full_epochs:
-        raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
     guided = masks is not None or extra_healthy
-    if arch != "custom-cnn" and (guided or stride != "16" or last_width or freeze_batchnorm):
-        raise click.UsageError("--stride, --last-width, --masks, --extra-healthy and --freeze-batchnorm apply to "
-                               "--arch custom-cnn only")
+    if init is not None and arch == "xception" and not full_epochs and not guided:
+        raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
+    if arch != "custom-cnn" and (stride != "16" or last_width or freeze_batchnorm):
+        raise click.UsageError("--stride, --last-width and --freeze-batchnorm apply to --arch custom-cnn only")
+    if arch == "xception" and guided and (init is None or full_epochs):
+        raise click.UsageError("the generalising recipe (--masks, --extra-healthy) fine-tunes a trained xception: "
+                               "give its edge-train model as --init, and --epochs (not --full-epochs)")
     if masks is None and (paste_fraction or mask_weight):
         raise click.UsageError("--paste-fraction and --mask-weight need --masks")
     if contrast_curves and not guided:

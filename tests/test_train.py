@@ -278,6 +278,27 @@ def test_xception_two_phase_training_on_cached_features(tmp_path: Path) -> None:
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(np.all(l.moving_mean.numpy() == 0) and np.all(l.moving_variance.numpy() == 1) for l in norms)
 
+    # The generalising recipe fine-tunes the trained model: gray slices (class folders, another source, pastes)
+    # repeated into three channels, the mask loss on the base's own 3x3 map, every batch norm frozen.
+    tuned_out = tmp_path / "g.keras"
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--init", str(out), "--out",
+                                          str(tuned_out), "--input-size", "71", "--epochs", "1", "--batch-size", "8",
+                                          "--lr", "1e-2", "--val-fraction", "0.25", "--masks", str(MASKS),
+                                          "--extra-healthy", str(IXI), "--paste-fraction", "1", "--mask-weight", "1"])
+    assert res.exit_code == 0, res.output
+    tuned, carried = load_model(tuned_out)
+    assert carried["channels"] == 3 and carried["training"]["recipe"]["grid"] == 3
+    assert json.loads((tmp_path / "g_run" / "files.json").read_text())["healthy_train"]
+    bases = [m.get_layer("xception") for m in (model, tuned)]
+    pairs = [(a, b) for a, b in zip(*(base.layers for base in bases)) if a.get_weights()]
+    assert all(all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+               for a, b in pairs if isinstance(a, keras.layers.BatchNormalization))
+    assert any(not np.array_equal(a.get_weights()[0], b.get_weights()[0])
+               for a, b in pairs if not isinstance(a, keras.layers.BatchNormalization))
+    res = CliRunner().invoke(train_main, [str(SAMPLE), "--arch", "xception", "--out", str(tmp_path / "h.keras"),
+                                          "--input-size", "71", "--masks", str(MASKS)])
+    assert res.exit_code == 2 and "--init" in res.output
+
 
 def test_live_phases_train_what_each_phase_unfreezes(tmp_path: Path) -> None:
     """The accelerator recipe (no feature cache): phase 1 moves only the head, phase 2 block 14 too, and
@@ -507,9 +528,10 @@ def test_guided_options_are_checked(tmp_path: Path) -> None:
     base = [str(SAMPLE), "--out", str(tmp_path / "x.keras")]
     res = CliRunner().invoke(train_main, base + ["--paste-fraction", "0.5"])
     assert res.exit_code == 2 and "need --masks" in res.output
-    for option in (["--masks", str(MASKS)], ["--last-width", "128"]):
+    for option, said in ((["--masks", str(MASKS)], "give its edge-train model as --init"),
+                         (["--last-width", "128"], "custom-cnn only")):
         res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none"] + option)
-        assert res.exit_code == 2 and "custom-cnn only" in res.output
+        assert res.exit_code == 2 and said in res.output
     bad = tmp_path / "external-dev" / "healthy"
     bad.mkdir(parents=True)
     res = CliRunner().invoke(train_main, base + ["--extra-healthy", str(bad), "--epochs", "1"])

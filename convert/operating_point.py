@@ -94,12 +94,11 @@ def held_out(data: Path, extra_healthy: tuple[Path, ...], size: int, cache_dir: 
 
 def log_probs(model: Any, carried: dict[str, Any], x: np.ndarray) -> np.ndarray:
     """Log of the model's class probabilities (logits up to a per-image constant) on prepared uint8 inputs."""
-    from convert.normalisation import apply as normalise, parse as parse_norm
+    from convert.train import predict
 
     if not len(x):
         return np.zeros((0, len(carried["labels"])))
-    norm = parse_norm(carried["preprocess"], carried.get("channels", 1))
-    p = np.asarray(model.predict(normalise(x.astype(np.float32), norm), batch_size=128, verbose=0), np.float64)
+    p = predict(model, x, carried["preprocess"], batch_size=128).astype(np.float64)
     return np.log(np.clip(p, 1e-12, 1.0))
 
 

@@ -105,12 +105,20 @@ def _plain_batches(x: np.ndarray, y: np.ndarray, batch: int, num_classes: int):
     return ds.map(lambda a, b: (normalise(tf.cast(a, tf.float32), norm), tf.one_hot(b, num_classes))).prefetch(2)
 
 
+def predict(model, x: np.ndarray, preprocess: str = PREPROCESS, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities of a Keras model on prepared uint8 inputs [N, S, S, C], normalised as it was
+    trained (``preprocess``); gray inputs (the generalising recipe's) are repeated into a three-channel
+    network's channels, as `edge.preprocess.prepare` does for the device. Every script that scores a
+    run's held-out images goes through here."""
+    xf = normalise(x.astype(np.float32), parse_norm(preprocess, x.shape[-1]))
+    if xf.shape[-1] != model.input_shape[-1]:
+        xf = np.repeat(xf, model.input_shape[-1], axis=-1)
+    return np.asarray(model.predict(xf, batch_size=batch_size, verbose=0))
+
+
 def _val_accuracy(model, val: FolderData) -> float:
     """Accuracy on the clean (un-augmented) validation images, the figure models are chosen by."""
-    x = normalise(val.x.astype(np.float32), parse_norm(PREPROCESS, val.x.shape[-1]))
-    if x.shape[-1] != model.input_shape[-1]:  # the guided recipe's gray images, for a three-channel network
-        x = np.repeat(x, model.input_shape[-1], axis=-1)
-    return float(np.mean(np.argmax(model.predict(x, batch_size=64, verbose=0), axis=1) == val.y))
+    return float(np.mean(np.argmax(predict(model, val.x), axis=1) == val.y))
 
 
 def _one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -64,16 +64,15 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
 
 def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: dict[str, Any]) -> dict[str, Any]:
     """The two probes' figures for one Keras model (loaded from ``model_path``) of the images' labels and size."""
-    from convert.normalisation import apply as normalise, parse as parse_norm
+    from convert.train import predict as probabilities
 
     if carried is None or carried.get("labels") != images["labels"]:
         raise ValueError(f"{model_path}: not an edge-train model with labels {', '.join(images['labels'])}")
-    norm = parse_norm(carried["preprocess"], carried.get("channels", 1))
 
     def predict(x: np.ndarray) -> np.ndarray:
         if not len(x):
             return np.zeros(0, np.int64)
-        return np.asarray(model.predict(normalise(x.astype(np.float32), norm), batch_size=128, verbose=0)).argmax(1)
+        return probabilities(model, x, carried["preprocess"], batch_size=128).argmax(1)
 
     def rate(hits: np.ndarray) -> float | None:
         """A share, or None for none to count (a tiny split)."""
@@ -98,7 +97,7 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per model instead of the table.")
 def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple[Path, ...], paste_fraction: float,
          val_fraction: float, seed: int, cache_dir: Path | None, as_json: bool) -> None:
-    """Score MODELS (custom-cnn .keras files of one input size) on the held-out pastes and on the held-out
+    """Score MODELS (edge-train .keras files of one input size) on the held-out pastes and on the held-out
     images under seeded contrast curves: generalisation figures that need no external data.
 
     Exit codes: 0 scored; 1 a model is not an edge-train model of these labels or sizes differ; 2 usage error.

@@ -33,7 +33,7 @@ from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "operating_point"
 HEALTHY = "notumor"
-#: Offsets are searched on this grid (logit units), from 0 up to ``MAX_OFFSET``, in both directions.
+#: Offsets are searched on this grid (logit units), from -``MAX_OFFSET`` to ``MAX_OFFSET``.
 STEP, MAX_OFFSET = 0.05, 5.0
 
 
@@ -49,17 +49,9 @@ def choose_offset(log_probs: np.ndarray, healthy: int, budget: int) -> float:
     alarms are at most ``budget``: false alarms only fall as the offset rises, so this is the most tumours
     found at that false-alarm count; negative when the model has budget to spare. Raises ValueError when
     even ``MAX_OFFSET`` does not meet the budget."""
-    grid = np.round(np.arange(0.0, MAX_OFFSET + STEP / 2, STEP), 6)
-    if false_alarms(log_probs, healthy, 0.0) <= budget:
-        best = 0.0
-        for step in grid[1:]:
-            if false_alarms(log_probs, healthy, -float(step)) > budget:
-                break
-            best = -float(step)
-        return best
-    for step in grid[1:]:
-        if false_alarms(log_probs, healthy, float(step)) <= budget:
-            return float(step)
+    for offset in np.round(np.arange(-MAX_OFFSET, MAX_OFFSET + STEP / 2, STEP), 6):
+        if false_alarms(log_probs, healthy, float(offset)) <= budget:
+            return float(offset) + 0.0  # no -0.0
     raise ValueError(f"no notumor offset up to {MAX_OFFSET:g} brings the false alarms down to {budget}")
 
 

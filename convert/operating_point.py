@@ -76,11 +76,8 @@ def held_out(data: Path, extra_healthy: tuple[Path, ...], size: int, cache_dir: 
     cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("operating_point.keras"), input_size=size, epochs=1,
                         extra_healthy=extra_healthy, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
     _, loaded, train, val = T.split_data(cfg)
-    if extra_healthy:
-        _, pools = T.guided_pools(cfg, train, val)
-        extra = pools.healthy.x if pools.healthy is not None else np.zeros((0,) + val.x.shape[1:], val.x.dtype)
-    else:
-        extra = np.zeros((0,) + val.x.shape[1:], val.x.dtype)
+    _, pools = T.guided_pools(cfg, train, val)
+    extra = val.x[:0] if pools.healthy is None else pools.healthy.x
     return {"labels": loaded.labels, "x": val.x, "y": val.y, "extra": extra}
 
 
@@ -108,14 +105,15 @@ def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[s
     healthy_lp, tumour_lp = log_probs(model, carried, healthy_x), log_probs(model, carried, tumour_x)
     offset = choose_offset(healthy_lp, healthy, budget)
 
-    def found(lp: np.ndarray, b: float) -> int:
-        return len(lp) - false_alarms(lp, healthy, b) if len(lp) else 0
+    def missed(lp: np.ndarray, b: float) -> int:
+        """Tumour slices called healthy: the rows that are not 'false alarms' (not called a tumour)."""
+        return len(lp) - false_alarms(lp, healthy, b)
 
     return {"offset": offset, "class": HEALTHY, "healthy_held_out": int(len(healthy_x)),
             "reference_false_alarms": budget, "false_alarms_before": false_alarms(healthy_lp, healthy, 0.0),
             "false_alarms_after": false_alarms(healthy_lp, healthy, offset), "tumours_held_out": int(len(tumour_x)),
-            "tumours_called_healthy_before": found(tumour_lp, 0.0),
-            "tumours_called_healthy_after": found(tumour_lp, offset)}
+            "tumours_called_healthy_before": missed(tumour_lp, 0.0),
+            "tumours_called_healthy_after": missed(tumour_lp, offset)}
 
 
 @click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})

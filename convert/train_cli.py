@@ -123,13 +123,13 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
     require_extra(["keras", backend], "convert", f"edge-train (Keras on {backend})")
     from convert import train
 
+    guided = masks is not None or bool(extra_healthy)
     if weights is not None and arch != "xception":
         raise click.UsageError("--weights applies to --arch xception only")
-    if arch == "xception" and weights is None and not (masks is not None or extra_healthy):
+    if arch == "xception" and weights is None and not guided:
         raise click.UsageError("--arch xception needs --weights imagenet|PATH|none")
     if full_epochs and arch != "xception":
         raise click.UsageError("--full-epochs applies to --arch xception only")
-    guided = masks is not None or extra_healthy
     if init is not None and arch == "xception" and not full_epochs and not guided:
         raise click.UsageError("--init with --arch xception continues phase 3: give --full-epochs")
     if arch != "custom-cnn" and (stride != "16" or last_width or freeze_batchnorm):

@@ -29,7 +29,7 @@ def specificity(model: str, images: list[Path]) -> dict[str, float]:
     varied = vectors.std(axis=1) > 0
     r = np.array([np.corrcoef(h, mean)[0, 1] for h in vectors[varied]])
     rows = np.array([np.unravel_index(np.argmax(h), h.shape)[0] / h.shape[0] for h in maps[varied]])
-    return {"flat": int(np.sum(~varied)), "median_r": float(np.median(r)), "p10_r": float(np.percentile(r, 10)),
+    return {"maps": int(np.sum(varied)), "flat": int(np.sum(~varied)), "median_r": float(np.median(r)), "p10_r": float(np.percentile(r, 10)),
             "peak_row_median": float(np.median(rows)), "peak_row_q1": float(np.percentile(rows, 25)),
             "peak_row_q3": float(np.percentile(rows, 75))}
 
@@ -45,7 +45,7 @@ def main() -> None:
     for model in args.models:
         s = specificity(model, files[: args.n])
         print(f"{model}: r(heatmap, mean heatmap) median {s['median_r']:.3f}, p10 {s['p10_r']:.3f} "
-              f"({args.n - s['flat']} maps; {s['flat']} flat, left out); "
+              f"({s['maps']} maps; {s['flat']} flat, left out); "
               f"peak at {s['peak_row_median']:.2f} of the height (IQR {s['peak_row_q1']:.2f}-{s['peak_row_q3']:.2f})")
 
 

@@ -7,8 +7,10 @@ clinic. Where the border sits is a choice of operating point, not of weights, an
 tests make it: on held-out data, for a stated specificity. The rule here: the lowest offset added to the
 "notumor" logit at which the model raises no more false alarms on the run's held-out healthy slices (the
 class folders' held-out "notumor" images and the held-out subjects of each extra healthy source,
-`edge-train`'s own split) than a reference model, the one it is to replace, raises on the same slices.
-Only held-out training data decides; external scans never do.
+`edge-train`'s own split) than a budget: either what a reference model, the one it is to replace, raises on
+the same slices, or a stated false-alarm rate (``--false-alarm-rate``: for a model whose predecessor's rate
+is no standard to keep, e.g. one that called 6% of them a tumour). Only held-out training data decides;
+external scans never do.
 
 The offset is added to the bias of the final Dense layer, so the result is the same network (no new op,
 no latency), and the heatmap, the gradient of the predicted class's logit, is unchanged wherever the
@@ -91,17 +93,27 @@ def log_probs(model: Any, carried: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return np.log(np.clip(p, 1e-12, 1.0))
 
 
-def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[str, Any],
-        images: dict[str, Any]) -> dict[str, Any]:
-    """Choose the offset for ``model`` against ``reference``; return the record (nothing is changed here)."""
-    for name, meta in (("model", carried), ("reference", ref_carried)):
+def rate_budget(rate: float, n: int) -> int:
+    """False alarms allowed among ``n`` healthy slices at a stated rate: the most whose share is <= ``rate``."""
+    return int(np.floor(rate * n + 1e-9))
+
+
+def fit(model: Any, carried: dict[str, Any], images: dict[str, Any], reference: Any = None,
+        ref_carried: dict[str, Any] | None = None, rate: float | None = None) -> dict[str, Any]:
+    """Choose the offset for ``model`` against ``reference``'s false alarms or, without one, at ``rate``;
+    return the record (nothing is changed here)."""
+    checked = (("model", carried),) + ((("reference", ref_carried),) if reference is not None else ())
+    for name, meta in checked:
         if meta is None or meta.get("labels") != images["labels"]:
             raise ValueError(f"the {name} is not an edge-train model with labels {', '.join(images['labels'])}")
     healthy = images["labels"].index(HEALTHY)
     y = images["y"]
     healthy_x = np.concatenate([images["x"][y == healthy], images["extra"]])
     tumour_x = images["x"][y != healthy]
-    budget = false_alarms(log_probs(reference, ref_carried, healthy_x), healthy, 0.0)
+    if reference is not None:
+        budget = false_alarms(log_probs(reference, ref_carried, healthy_x), healthy, 0.0)
+    else:
+        budget = rate_budget(float(rate), len(healthy_x))
     healthy_lp, tumour_lp = log_probs(model, carried, healthy_x), log_probs(model, carried, tumour_x)
     offset = choose_offset(healthy_lp, healthy, budget)
 
@@ -110,7 +122,7 @@ def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[s
         return len(lp) - false_alarms(lp, healthy, b)
 
     return {"offset": offset, "class": HEALTHY, "healthy_held_out": int(len(healthy_x)),
-            "reference_false_alarms": budget, "false_alarms_before": false_alarms(healthy_lp, healthy, 0.0),
+            "budget": budget, "false_alarms_before": false_alarms(healthy_lp, healthy, 0.0),
             "false_alarms_after": false_alarms(healthy_lp, healthy, offset), "tumours_held_out": int(len(tumour_x)),
             "tumours_called_healthy_before": missed(tumour_lp, 0.0),
             "tumours_called_healthy_after": missed(tumour_lp, offset)}
@@ -118,17 +130,20 @@ def fit(model: Any, carried: dict[str, Any], reference: Any, ref_carried: dict[s
 
 @click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_path", metavar="MODEL", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path))
-@click.option("--reference", required=True, type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
+@click.option("--reference", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
               help="The model MODEL is to replace: its false alarms on the held-out healthy slices are the budget.")
+@click.option("--false-alarm-rate", "rate", type=click.FloatRange(0.0, 1.0),
+              help="Instead of --reference: the budget as a share of the held-out healthy slices (0.016: 8 of 495).")
 @run_split_options
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Where to write MODEL with the offset in its last bias (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record (offset and counts) as JSON instead of the line.")
-def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Path, ...], val_fraction: float,
+def main(model_path: Path, reference: Path | None, rate: float | None, data: Path, extra_healthy: tuple[Path, ...], val_fraction: float,
          seed: int, cache_dir: Path | None, out: Path, as_json: bool) -> None:
     """Write MODEL with the lowest "notumor" logit offset at which it raises no more false alarms on the
-    run's held-out healthy slices than REFERENCE does; the offset and the counts go into the carried
-    metadata (`operating_point`) and are printed. Convert OUT with edge-convert like any edge-train model.
+    run's held-out healthy slices than --reference does (or than --false-alarm-rate allows); the offset and
+    the counts go into the carried metadata (`operating_point`) and are printed. Convert OUT with
+    edge-convert like any edge-train model.
 
     \b
     Example (the shipped custom-cnn's second round against the file it replaced):
@@ -141,25 +156,29 @@ def main(model_path: Path, reference: Path, data: Path, extra_healthy: tuple[Pat
     """
     from convert.keras_io import load_model, save_model
 
+    if (reference is None) == (rate is None):
+        raise click.UsageError("give exactly one of --reference and --false-alarm-rate")
     try:
         model, carried = load_model(model_path)
-        ref, ref_carried = load_model(reference)
-        if carried is None or (ref_carried or {}).get("input_size") != carried.get("input_size"):
+        ref, ref_carried = load_model(reference) if reference is not None else (None, None)
+        if carried is None or (ref is not None and (ref_carried or {}).get("input_size") != carried.get("input_size")):
             raise ValueError(f"{model_path}, {reference}: not edge-train models of one input size")
         images = held_out(data, tuple(extra_healthy), carried["input_size"], cache_dir, val_fraction, seed)
-        record = fit(model, carried, ref, ref_carried, images)
+        record = fit(model, carried, images, ref, ref_carried, rate)
+        record = {**record, **({"reference": reference.name} if reference is not None else {"rate": rate})}
         shift_bias(model, images["labels"].index(HEALTHY), record["offset"])
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model, out, {**carried, "operating_point": {**record, "reference": reference.name}})
+        save_model(model, out, {**carried, "operating_point": record})
     except ValueError as exc:
         error(PROG, str(exc))
         sys.exit(1)
     if as_json:
-        click.echo(json.dumps({**record, "reference": reference.name, "out": str(out)}))
+        click.echo(json.dumps({**record, "out": str(out)}))
         return
+    source = f"reference {reference.name}" if reference is not None else f"rate {rate:g}"
     click.echo(f"wrote {out}: notumor offset {record['offset']:+.2f}; held-out healthy false alarms "
                f"{record['false_alarms_before']} -> {record['false_alarms_after']} of {record['healthy_held_out']} "
-               f"(reference {record['reference_false_alarms']}); held-out tumours called healthy "
+               f"(budget {record['budget']}, {source}); held-out tumours called healthy "
                f"{record['tumours_called_healthy_before']} -> {record['tumours_called_healthy_after']} of "
                f"{record['tumours_held_out']}")
 

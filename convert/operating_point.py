@@ -138,8 +138,8 @@ def fit(model: Any, carried: dict[str, Any], images: dict[str, Any], reference: 
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Where to write MODEL with the offset in its last bias (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record (offset and counts) as JSON instead of the line.")
-def main(model_path: Path, reference: Path | None, rate: float | None, data: Path, extra_healthy: tuple[Path, ...], val_fraction: float,
-         seed: int, cache_dir: Path | None, out: Path, as_json: bool) -> None:
+def main(model_path: Path, reference: Path | None, rate: float | None, data: Path, extra_healthy: tuple[Path, ...],
+         val_fraction: float, seed: int, cache_dir: Path | None, out: Path, as_json: bool) -> None:
     """Write MODEL with the lowest "notumor" logit offset at which it raises no more false alarms on the
     run's held-out healthy slices than --reference does (or than --false-alarm-rate allows); the offset and
     the counts go into the carried metadata (`operating_point`) and are printed. Convert OUT with
@@ -152,7 +152,8 @@ def main(model_path: Path, reference: Path | None, rate: float | None, data: Pat
           --extra-healthy ../shared/data/ixi-healthy/train --cache-dir cache --out runs/op.keras
 
     Exit codes: 0 written; 1 a model is not an edge-train model of these labels, no offset meets the budget,
-    or OUT is not a .keras path; 2 usage error (a DATA folder inside validation-only data among them).
+    or OUT is not a .keras path; 2 usage error (a DATA folder inside validation-only data among them, or
+    not exactly one of --reference and --false-alarm-rate).
     """
     from convert.keras_io import load_model, save_model
 

@@ -169,6 +169,9 @@ def test_operating_point_offset_on_hand_made_scores() -> None:
     # budget 0 needs every margin crossed: the first grid point above the largest margin
     assert choose_offset(lp, 1, 0) == pytest.approx(np.ceil(margins.max() / 0.05 + 1e-9) * 0.05)
     assert choose_offset(lp, 1, 3) < 0  # spare budget: the third slice may be called a tumour too
+    from convert.operating_point import rate_budget
+
+    assert rate_budget(0.0162, 495) == 8 and rate_budget(0.016, 495) == 7 and rate_budget(0.5, 4) == 2
     hopeless = np.log(np.array([[0.999999, 1e-6, 1e-6]]))
     with pytest.raises(ValueError, match="no notumor offset"):
         choose_offset(hopeless, 1, 0)
@@ -212,6 +215,15 @@ def test_operating_point_moves_only_the_notumor_bias_to_the_references_false_ala
     res = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), "--data", str(outside),
                                        "--out", str(tmp_path / "x.keras")])
     assert res.exit_code == 2 and "validation-only" in res.output and not (tmp_path / "x.keras").exists()
+    rated = CliRunner().invoke(op_main, [str(fine_tuned), "--false-alarm-rate", "0", *args, "--out",
+                                         str(tmp_path / "r.keras"), "--json"])
+    assert rated.exit_code == 0, rated.output
+    rec = json.loads(rated.output.strip().splitlines()[-1])
+    assert rec["budget"] == 0 and rec["false_alarms_after"] == 0 and rec["rate"] == 0 and "reference" not in rec
+    assert rec["offset"] >= record["offset"] or record["budget"] == 0  # a zero budget needs at least as much
+    both = CliRunner().invoke(op_main, [str(fine_tuned), "--reference", str(trained), "--false-alarm-rate", "0.1",
+                                        *args, "--out", str(tmp_path / "y.keras")])
+    assert both.exit_code == 2 and "exactly one" in both.output and not (tmp_path / "y.keras").exists()
     bad = tmp_path / "not_a_model.keras"
     bad.write_bytes(b"not a zip")
     res = CliRunner().invoke(op_main, [str(bad), "--reference", str(trained), *args, "--out", str(tmp_path / "b.keras")])

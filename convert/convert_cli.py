@@ -79,8 +79,6 @@ def _summary(result) -> list[str]:
         if result.fine_layer:
             fine = result.metadata["gradcam"]["fine_shape"]
             lines.append(f"heatmap: LayerCAM of {result.fine_layer!r} ({fine[0]}x{fine[1]}x{fine[2]}) and the target")
-        if result.contrast:
-            lines.append(f"heatmap score: the predicted class's logit minus {result.contrast!r}'s")
     cal = result.calibration
     per_class = ", ".join(f"{k or '(unlabelled)'} {n}" for k, n in cal["per_class"].items())
     lines.append(f"calibration: {cal['images']} images ({per_class}), {cal['skipped']} skipped")
@@ -128,10 +126,6 @@ def _summary(result) -> list[str]:
               "target's (LayerCAM): a finer heatmap. Its gradient is derived through the layers in between "
               "(convolutions, batch norms, ReLUs, residual sums, max-pools), still builtin ops. Default: "
               "Grad-CAM at the target alone.")
-@click.option("--heatmap-contrast", "contrast", metavar="LABEL",
-              help="Explain each prediction other than LABEL by its logit's margin over LABEL's (e.g. notumor: "
-              "where the evidence for a glioma rather than no tumour is), so that evidence every class shares "
-              "cancels out of the heatmap. Same ops, same cost. Default: the predicted class's logit.")
 @click.option("--num-calibration", default=200, show_default=True, type=click.IntRange(1, 100000),
               help="Calibration images in total, balanced over classes.")
 @click.option("--also-fp32", is_flag=True, help="Also write OUT_fp32.tflite, the same graph in float32.")
@@ -163,7 +157,8 @@ def _summary(result) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (errors too).")
 def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, preprocess: str | None,
          pipeline: str | None, input_size: int | None, target_layer: str | None, fine_layer: str | None,
-         contrast: str | None, num_calibration: int, also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
+         num_calibration: int,
+         also_fp32: bool, report_dir: Path | None, heldout_dir: Path | None, gradcam: bool, equalise: bool,
          agreement: float, size_budget: float, latency_budget: float, gate_data: tuple[Path, ...], name: str | None,
          as_json: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -203,8 +198,7 @@ def main(model: Path, calibration_dir: Path, out: Path, labels: str | None, prep
                                num_calibration=num_calibration, also_fp32=also_fp32, report_dir=report_dir,
                                heldout_dir=heldout_dir, name=name, pipeline=pipeline, gradcam=gradcam, equalise=equalise,
                                agreement=agreement, size_budget=size_budget, latency_budget=latency_budget,
-                               progress=not as_json, gate_data=gate_data, fine_layer=fine_layer, contrast=contrast,
-                               log=say)
+                               progress=not as_json, gate_data=gate_data, fine_layer=fine_layer, log=say)
     except OSError as exc:
         _fail(str(exc), EXIT_INPUT, as_json)
     except ValueError as exc:

@@ -71,8 +71,6 @@ class ConversionResult:
     feature_shape: tuple[int, int, int] | None = None
     #: The earlier layer fused into the heatmap (LayerCAM), or None for Grad-CAM at the target alone.
     fine_layer: str | None = None
-    #: The class whose logit the heatmap's score subtracts (`gradcam_head.score_rows`), or None.
-    contrast: str | None = None
     report: dict[str, Any] | None = None
     report_files: list[Path] = field(default_factory=list)
     #: The held-out agreement check and what the repair did (`convert.agreement`); None when not checked.
@@ -83,7 +81,7 @@ class ConversionResult:
                 "name": self.settings.name, "labels": list(self.settings.labels),
                 "input_size": self.settings.input_size, "channels": self.settings.channels,
                 "pipeline": self.settings.pipeline, "preprocess": self.settings.preprocess,
-                "target_layer": self.target_layer, "fine_layer": self.fine_layer, "contrast": self.contrast,
+                "target_layer": self.target_layer, "fine_layer": self.fine_layer,
                 "feature_shape": list(self.feature_shape) if self.feature_shape else None,
                 "size_bytes": self.out.stat().st_size, "ops": self.ops, "float_ops": self.float_ops,
                 "calibration": self.calibration, "weights": self.metadata.get("weights"), "report": self.report,
@@ -327,8 +325,7 @@ def quantize(calibrated: bytes, float_ops: Sequence[str] = (), float_layers: Seq
 
 def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, source: dict[str, Any],
                    quantization: str, calibration_summary: dict[str, Any],
-                   extra_settings: dict[str, Any], fine: tuple[str, list[int]] | None = None,
-                   contrast: str | None = None) -> dict[str, Any]:
+                   extra_settings: dict[str, Any], fine: tuple[str, list[int]] | None = None) -> dict[str, Any]:
     """The JSON documented in docs/ARCHITECTURE.md ("Model file contract")."""
     s, c = settings.input_size, len(settings.labels)
     outputs: dict[str, Any] = {gradcam_head.PROBABILITIES: {"name": gradcam_head.PROBABILITIES, "shape": [1, c]}}
@@ -346,7 +343,7 @@ def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, sour
                   "pipeline": settings.pipeline, "dtype": "uint8"},
         "normalisation": settings.norm.to_json(),
         "outputs": outputs,
-        "gradcam": None if split is None else _gradcam_metadata(split, fine, contrast),
+        "gradcam": None if split is None else _gradcam_metadata(split, fine),
         "source": source,
         "converter": {"tool": TOOL, "version": package_version(), "tensorflow": tf.__version__,
                       "keras": keras.__version__, "quantization": quantization,
@@ -356,12 +353,10 @@ def build_metadata(settings: Settings, *, split: gradcam_head.Split | None, sour
     }
 
 
-def _gradcam_metadata(split: gradcam_head.Split, fine: tuple[str, list[int]] | None,
-                      contrast: str | None = None) -> dict[str, Any]:
-    """The heatmap's method, layers, grid and score: Grad-CAM at the target, or LayerCAM of (fine, target), of
-    the predicted class's logit or (``contrast``) its margin over that class."""
+def _gradcam_metadata(split: gradcam_head.Split, fine: tuple[str, list[int]] | None) -> dict[str, Any]:
+    """The heatmap's method, layers and grid: Grad-CAM at the target, or LayerCAM of (fine, target)."""
     meta: dict[str, Any] = {"target_layer": split.target_layer, "feature_shape": list(split.feature_shape),
-                            "score": "logit" if contrast is None else "logit margin", "contrast": contrast}
+                            "score": "logit"}
     if fine is None:
         return {**meta, "method": "gradcam", "layers": [split.target_layer], "grid": list(split.feature_shape[:2])}
     layer, shape = fine
@@ -393,7 +388,6 @@ def _parity_report(model: Any, result: ConversionResult, calib: calibration.Imag
     say(f"parity report on {len(heldout.paths)} held-out images")
     return parity.run_report(model, variants, heldout, labels=settings.labels, norm=settings.norm,
                              target_layer=result.target_layer, fine_layer=result.fine_layer,
-                             contrast=None if result.contrast is None else settings.labels.index(result.contrast),
                              report_dir=report_dir,
                              heldout_source=str(heldout_root), name=settings.name, progress=progress,
                              fallback=calib if not heldout.paths else None)
@@ -413,8 +407,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                   float_layers: Sequence[str] = (), equalise: bool = True, agreement: float = repair.TARGET,
                   size_budget: float = repair.SIZE_BUDGET, latency_budget: float = repair.LATENCY_BUDGET,
                   progress: bool = False, gate_data: Sequence[str | Path] = (),
-                  fine_layer: str | None = None, contrast: str | None = None,
-                  log: Callable[[str], None] | None = None) -> ConversionResult:
+                  fine_layer: str | None = None, log: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert ``model`` (a path to .keras/.h5/SavedModel, or a Keras model) to ``out`` (.tflite).
 
     ``gradcam=False`` builds the same input pipeline without the Grad-CAM head (only ``probabilities``,
@@ -465,8 +458,6 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     settings = resolve_settings(model, carried, source=source_path, calibration_dir=calibration_dir,
                                 labels=labels, preprocess=preprocess, input_size=input_size,
                                 pipeline=pipeline, name=name)
-    if contrast is not None and contrast not in settings.labels:
-        raise ValueError(f"heatmap contrast class {contrast!r} is not one of the labels {', '.join(settings.labels)}")
     with progress_bar(progress, num_calibration, "calibration images") as bar:
         calib = calibration.load_calibration(calibration_dir, size=settings.input_size,
                                              channels=settings.channels, pipeline=settings.pipeline,
@@ -481,8 +472,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
         equalised = equalisation.equalise(model, probe)
     module, split = gradcam_head.build_module(model, norm=settings.norm, input_size=settings.input_size,
                                               channels=settings.channels, target_layer=target_layer,
-                                              gradcam=gradcam, fine_layer=fine_layer,
-                                              contrast=None if contrast is None else settings.labels.index(contrast))
+                                              gradcam=gradcam, fine_layer=fine_layer)
     fine = None
     if split is not None:
         say(f"Grad-CAM target layer {split.target_layer!r}, feature map {split.feature_shape}")
@@ -492,7 +482,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     summary = calib.summary()
     extra = {"preprocess": settings.preprocess, "target_layer": target_layer, "num_calibration": num_calibration,
              "seed": seed, "per_channel": True, "float_ops": list(float_ops),
-             "float_layers": list(float_layers), "gradcam": gradcam, "fine_layer": fine_layer, "contrast": contrast,
+             "float_layers": list(float_layers), "gradcam": gradcam, "fine_layer": fine_layer,
              "equalised": equalised.to_json() if equalised else None}
     source = source_info(source_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -516,8 +506,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
     if unexpected:
         say(f"note: these ops run in float in the int8 model: {', '.join(unexpected)}")
     metadata = build_metadata(settings, split=split, source=source, quantization="int8",
-                              calibration_summary=summary, extra_settings=extra, fine=fine,
-                              contrast=contrast if split is not None else None)
+                              calibration_summary=summary, extra_settings=extra, fine=fine)
     int8_file = embed_metadata(int8, metadata)
     metadata = read_spec(int8_file).metadata  # what the file carries, the weights checksum included
     out.write_bytes(int8_file)
@@ -536,8 +525,7 @@ def convert_model(model: Any, *, calibration_dir: str | Path, out: str | Path,
                               settings=settings, fp32_out=fp32_out,
                               target_layer=split.target_layer if split else None,
                               feature_shape=split.feature_shape if split else None,
-                              fine_layer=fine[0] if fine else None, repair=checked.to_json(),
-                              contrast=contrast if split is not None else None)
+                              fine_layer=fine[0] if fine else None, repair=checked.to_json())
     if report_dir is not None:
         result.report, result.report_files = _parity_report(
             model, result, calib, heldout=heldout, heldout_root=Path(heldout_dir or calibration_dir),

@@ -433,27 +433,8 @@ def layer_cam(features: list[tf.Tensor], grads: list[tf.Tensor], size: int) -> t
         return _peak_one(tf.reshape(total, [-1, size, size]))
 
 
-def score_rows(num_classes: int, contrast: int | None = None) -> np.ndarray:
-    """Row c: the coefficients of the logits in the score explained when class c is predicted.
-
-    Plain Grad-CAM explains the predicted class's logit (the identity). With a ``contrast`` class r, a
-    prediction c != r is explained by z_c - z_r, the evidence for c *rather than* r (the counterfactual
-    direction of the Grad-CAM paper): evidence that every class shares, such as "this is a head", cancels,
-    and what is left is what separates, e.g., a glioma from no tumour. A prediction of r itself keeps its
-    own logit.
-    """
-    rows = np.eye(num_classes, dtype=np.float32)
-    if contrast is not None:
-        if not 0 <= contrast < num_classes:
-            raise ValueError(f"contrast class {contrast} is not one of the model's {num_classes} classes")
-        rows[:, contrast] -= 1.0
-        rows[contrast, contrast] = 1.0
-    return rows
-
-
-def score_gradient(split: Split, features: tf.Tensor, contrast: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """(logits, d(score)/d(features)) for a batch of one, with the closed-form backward pass; the score is the
-    predicted class's logit, or its margin over class ``contrast`` (`score_rows`).
+def score_gradient(split: Split, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(logits, d(predicted class's logit)/d(features)) for a batch of one, with the closed-form backward pass.
 
     For a pooled head the gradient is [1, 1, 1, k] (the same at every position), else [1, h, w, k].
     """
@@ -461,19 +442,18 @@ def score_gradient(split: Split, features: tf.Tensor, contrast: int | None = Non
     num_classes = int(logits.shape[-1])
     # Not tf.one_hot, nor a comparison with tf.range: the int8 ONE_HOT kernel copies quantized on/off
     # values without rescaling them, and the converter rewrites the comparison into an int8
-    # EMBEDDING_LOOKUP that LiteRT cannot run. Gathering a row of a constant matrix quantizes cleanly,
+    # EMBEDDING_LOOKUP that LiteRT cannot run. Gathering a row of the identity matrix quantizes cleanly,
     # and arg-max breaks ties the way the device does.
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    g = tf.gather(tf.constant(score_rows(num_classes, contrast)), predicted)
+    g = tf.gather(tf.eye(num_classes, dtype=tf.float32), predicted)
     for back in reversed(backs):
         g = back(g)
     return logits, g
 
 
-def gradcam_graph(split: Split, features: tf.Tensor, size: int,
-                  contrast: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def gradcam_graph(split: Split, features: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(probabilities, heatmap) for a batch of one, with the closed-form backward pass."""
-    logits, g = score_gradient(split, features, contrast)
+    logits, g = score_gradient(split, features)
     return tf.nn.softmax(logits, axis=-1), class_activation_map(features, g, size)
 
 
@@ -490,7 +470,7 @@ def fine_stage(model: Any, fine_layer: str) -> Any:
 
 
 def fine_heatmap(model: Any, split: Split, stage: Any, fine_layer: str, x: tf.Tensor,
-                 size: int, contrast: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                 size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(logits, target feature map, LayerCAM of the fine and target maps) for a normalised batch of one.
 
     The fine map comes from ``stage`` (`fine_stage`); the layers from it to the target are replayed with
@@ -500,21 +480,20 @@ def fine_heatmap(model: Any, split: Split, stage: Any, fine_layer: str, x: tf.Te
 
     early = stage(x, training=False)
     fmap, back = block_backward.replay(model, fine_layer, split.target_layer, early)
-    logits, g = score_gradient(split, fmap, contrast)
+    logits, g = score_gradient(split, fmap)
     return logits, fmap, layer_cam([early, fmap], [back(g), g], size)
 
 
 def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: int, channels: int,
                  target_layer: str | None = None, gradcam: bool = True,
-                 fine_layer: str | None = None, contrast: int | None = None) -> tuple[tf.Module, Split | None]:
+                 fine_layer: str | None = None) -> tuple[tf.Module, Split | None]:
     """A ``tf.Module`` whose ``serve(image)`` maps uint8 ``[1, S, S, C]`` pixels to the contract's outputs.
 
     With ``gradcam=False`` the same input pipeline feeds the unmodified Keras model and only
     ``probabilities`` is returned: the baseline that measures what the Grad-CAM head costs. Otherwise
     ``features`` (the feature map's spatial mean, for the input gate) is returned too. ``fine_layer``
     (an earlier top-level layer) makes the heatmap a LayerCAM fusion of that layer's map and the
-    target's (`fine_heatmap`) instead of Grad-CAM at the target. ``contrast`` (a class index) explains each
-    other class's margin over it rather than its logit (`score_rows`).
+    target's (`fine_heatmap`) instead of Grad-CAM at the target.
     """
     split = split_model(model, target_layer) if gradcam else None
     if split is not None and -1 in split.feature_shape:  # a model that accepts any input size
@@ -538,9 +517,9 @@ def build_module(model: Any, *, norm: normalisation.Normalisation, input_size: i
             return {PROBABILITIES: tf.nn.softmax(y, axis=-1) if outputs_logits else y}
         if stage is None:
             fmap = split.features(x)
-            probabilities, heatmap = gradcam_graph(split, fmap, input_size, contrast)
+            probabilities, heatmap = gradcam_graph(split, fmap, input_size)
         else:
-            logits, fmap, heatmap = fine_heatmap(model, split, stage, fine_layer, x, input_size, contrast)
+            logits, fmap, heatmap = fine_heatmap(model, split, stage, fine_layer, x, input_size)
             probabilities = tf.nn.softmax(logits, axis=-1)
         return {PROBABILITIES: probabilities, HEATMAP: heatmap, FEATURES: tf.reduce_mean(fmap, axis=[1, 2])}
 

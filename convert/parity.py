@@ -165,8 +165,7 @@ def _grid(path: Path, images: calibration.ImageSet, reference: list, run: Callab
 
 def run_report(model: Any, variants: dict[str, bytes], images: calibration.ImageSet, *, labels: Sequence[str],
                norm: normalisation.Normalisation, target_layer: str, report_dir: Path, heldout_source: str,
-               fine_layer: str | None = None, contrast: int | None = None, name: str | None = None,
-               progress: bool = False,
+               fine_layer: str | None = None, name: str | None = None, progress: bool = False,
                fallback: calibration.ImageSet | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Compare every variant with the Keras model on ``images``; write parity.json/.txt and heatmaps.png.
 
@@ -177,7 +176,7 @@ def run_report(model: Any, variants: dict[str, bytes], images: calibration.Image
         images, note = fallback, "no held-out images were left, so these are the calibration images"
     if not images.paths:
         raise ValueError(f"{heldout_source}: no readable held-out images for the parity report")
-    explain = reference_gradcam.make_reference(model, target_layer, norm, fine_layer, contrast)
+    explain = reference_gradcam.make_reference(model, target_layer, norm, fine_layer)
     with progress_bar(progress, len(images.paths) * (1 + len(variants)), "parity report") as bar:
         reference = []
         for image in images.images:

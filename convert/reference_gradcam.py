@@ -41,15 +41,13 @@ def _logits(split: gradcam_head.Split, features: tf.Tensor) -> tf.Tensor:
 
 def make_reference(model: Any, target_layer: str | None = None,
                    preprocess: str | normalisation.Normalisation = "none",
-                   fine_layer: str | None = None, contrast: int | None = None) -> Callable[[np.ndarray], GradCam]:
+                   fine_layer: str | None = None) -> Callable[[np.ndarray], GradCam]:
     """Build (once) a function ``uint8 image [S,S,C] or [1,S,S,C] -> GradCam`` for ``model``.
 
     ``preprocess`` is the normalisation the model was trained with (a name for
     :func:`convert.normalisation.parse` or a parsed one); the image is raw prepared pixels, exactly what the
     TFLite model receives. With ``fine_layer`` the map is LayerCAM of that layer and the target, both
-    gradients taken by the tape through the real Keras layers between them. With ``contrast`` (a class
-    index) the tape differentiates the predicted class's margin over that class instead of its logit
-    (`convert.gradcam_head.score_rows`).
+    gradients taken by the tape through the real Keras layers between them.
     """
     split = gradcam_head.split_model(model, target_layer)
     channels = int(model.inputs[0].shape[-1])
@@ -60,10 +58,8 @@ def make_reference(model: Any, target_layer: str | None = None,
         target = model.get_layer(split.target_layer).output
         between = keras.Model(model.get_layer(fine_layer).output, target)
 
-    rows = tf.constant(gradcam_head.score_rows(int(model.outputs[0].shape[-1]), contrast))
-
     def score_of(logits: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_sum(logits * tf.gather(rows, tf.argmax(logits, axis=-1)))
+        return tf.reduce_sum(logits * tf.one_hot(tf.argmax(logits, axis=-1), tf.shape(logits)[-1]))
 
     @tf.function(reduce_retracing=True, autograph=False)
     def run(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

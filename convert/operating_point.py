@@ -133,7 +133,7 @@ def fit(model: Any, carried: dict[str, Any], images: dict[str, Any], reference: 
 @click.option("--reference", type=NonEmptyPath(dir_okay=False, exists=True, path_type=Path),
               help="The model MODEL is to replace: its false alarms on the held-out healthy slices are the budget.")
 @click.option("--false-alarm-rate", "rate", type=click.FloatRange(0.0, 1.0),
-              help="Instead of --reference: the budget as a share of the held-out healthy slices (0.016: 8 of 495).")
+              help="Instead of --reference: the budget as a share of the held-out healthy slices (0.0162: 8 of 495).")
 @run_split_options
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Where to write MODEL with the offset in its last bias (.keras).")
@@ -150,6 +150,10 @@ def main(model_path: Path, reference: Path | None, rate: float | None, data: Pat
       python -m convert.operating_point runs/custom-cnn-wise50c2.keras \\
           --reference runs/shipped-recovered.keras --data ../shared/data/brain-tumor-mri \\
           --extra-healthy ../shared/data/ixi-healthy/train --cache-dir cache --out runs/op.keras
+      # the shipped xception's, at the default model's rate (8 of the 495 held-out healthy slices):
+      python -m convert.operating_point runs/xception-wise50g2.keras --false-alarm-rate 0.0162 \\
+          --data ../shared/data/brain-tumor-mri --extra-healthy ../shared/data/ixi-healthy/train \\
+          --cache-dir cache --out runs/xception-op.keras
 
     Exit codes: 0 written; 1 a model is not an edge-train model of these labels, no offset meets the budget,
     or OUT is not a .keras path; 2 usage error (a DATA folder inside validation-only data among them, or
@@ -162,7 +166,9 @@ def main(model_path: Path, reference: Path | None, rate: float | None, data: Pat
     try:
         model, carried = load_model(model_path)
         ref, ref_carried = load_model(reference) if reference is not None else (None, None)
-        if carried is None or (ref is not None and (ref_carried or {}).get("input_size") != carried.get("input_size")):
+        if carried is None:
+            raise ValueError(f"{model_path}: not an edge-train model")
+        if ref is not None and (ref_carried or {}).get("input_size") != carried.get("input_size"):
             raise ValueError(f"{model_path}, {reference}: not edge-train models of one input size")
         images = held_out(data, tuple(extra_healthy), carried["input_size"], cache_dir, val_fraction, seed)
         record = fit(model, carried, images, ref, ref_carried, rate)

@@ -30,7 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
-from convert.run_split import run_split_options
+from convert.run_split import held_out_pools, run_split_options
 from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "operating_point"
@@ -73,14 +73,11 @@ def shift_bias(model: Any, healthy: int, offset: float) -> None:
 def held_out(data: Path, extra_healthy: tuple[Path, ...], size: int, cache_dir: Path | None,
              val_fraction: float, seed: int) -> dict[str, Any]:
     """``edge-train``'s held-out images: the class folders' (x, y) and every extra source's held-out slices."""
-    from convert import train as T
-
-    cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("operating_point.keras"), input_size=size, epochs=1,
-                        extra_healthy=extra_healthy, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
-    _, loaded, train, val = T.split_data(cfg)
-    _, pools = T.guided_pools(cfg, train, val)
+    labels, pools = held_out_pools(data, size, extra_healthy=extra_healthy, cache_dir=cache_dir,
+                                   val_fraction=val_fraction, seed=seed)
+    val = pools.main
     extra = val.x[:0] if pools.healthy is None else pools.healthy.x
-    return {"labels": loaded.labels, "x": val.x, "y": val.y, "extra": extra}
+    return {"labels": labels, "x": val.x, "y": val.y, "extra": extra}
 
 
 def log_probs(model: Any, carried: dict[str, Any], x: np.ndarray) -> np.ndarray:

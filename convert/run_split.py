@@ -2,13 +2,13 @@
 
 `edge-train` holds out ``--val-fraction`` of DATA's class folders (stratified, ``--seed``) and, by subject,
 of each ``--extra-healthy`` folder; `convert.validation_probes` and `convert.operating_point` must see
-exactly those images, so they take the run's own values under the same names (`convert.train.split_data`
-makes the split).
+exactly those images, so they take the run's own values under the same names, and get the images from
+`held_out_pools` (`convert.train.split_data` makes the split).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -35,3 +35,17 @@ def run_split_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def held_out_pools(data: Path, size: int, *, extra_healthy: tuple[Path, ...] = (), masks: Path | None = None,
+                   cache_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], Any]:
+    """(labels, held-out `convert.training_sources.Pools`) of the run these options name: the class folders'
+    held-out images (``pools.main``, with masks when ``masks`` is given) and each extra healthy source's
+    held-out subjects (``pools.healthy``, or None without one), at ``size`` px, as `edge-train` validates."""
+    from convert import train as T
+
+    cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("held-out.keras"), input_size=size, epochs=1,
+                        masks=masks, extra_healthy=extra_healthy, cache_dir=cache_dir, val_fraction=val_fraction,
+                        seed=seed)
+    _, loaded, train, val = T.split_data(cfg)
+    return loaded.labels, T.guided_pools(cfg, train, val)[1]

@@ -27,7 +27,7 @@ from typing import Any
 import click
 import numpy as np
 
-from convert.run_split import run_split_options
+from convert.run_split import held_out_pools, run_split_options
 from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "validation_probes"
@@ -43,14 +43,10 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
     import tensorflow as tf
 
     from convert import augment, training_sources
-    from convert import train as T
 
-    cfg = T.TrainConfig(arch="custom-cnn", data=data, out=Path("probe.keras"), input_size=size, epochs=1,
-                        masks=masks, extra_healthy=extra_healthy, paste_fraction=paste_fraction,
-                        cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
-    _, loaded, train, held_out = T.split_data(cfg)
-    _, pools = T.guided_pools(cfg, train, held_out)
-    healthy = loaded.labels.index(HEALTHY)
+    labels, pools = held_out_pools(data, size, extra_healthy=extra_healthy, masks=masks, cache_dir=cache_dir,
+                                   val_fraction=val_fraction, seed=seed)
+    healthy = labels.index(HEALTHY)
     n_tumour = int(np.sum(pools.main.y != healthy))
     val = training_sources.compose(pools, np.random.default_rng(PASTE_SEED), None, int(round(paste_fraction * n_tumour)))
     pasted = val.has_mask & ~val.is_main
@@ -58,7 +54,7 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
     uniform = lambda shape, lo, hi: tf.constant(rng.uniform(lo, hi, shape).astype(np.float32))  # noqa: E731
     main = val.x[val.is_main].astype(np.float32)
     curved = np.asarray(augment.contrast_curves(tf.constant(main), uniform, 1.0))
-    return {"labels": loaded.labels, "pastes": val.x[pasted], "main": main, "main_y": val.y[val.is_main],
+    return {"labels": labels, "pastes": val.x[pasted], "main": main, "main_y": val.y[val.is_main],
             "curved": curved}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.explain_metrics import pearson
 from edge import Classifier
 
 
@@ -27,9 +28,10 @@ def specificity(model: str, images: list[Path]) -> dict[str, float]:
     vectors = maps.reshape(len(maps), -1)
     mean = vectors.mean(axis=0)
     varied = vectors.std(axis=1) > 0
-    r = np.array([np.corrcoef(h, mean)[0, 1] for h in vectors[varied]])
+    r = np.array([pearson(h, mean) for h in vectors[varied]])
     rows = np.array([np.unravel_index(np.argmax(h), h.shape)[0] / h.shape[0] for h in maps[varied]])
-    return {"maps": int(np.sum(varied)), "flat": int(np.sum(~varied)), "median_r": float(np.median(r)), "p10_r": float(np.percentile(r, 10)),
+    return {"maps": int(np.sum(varied)), "flat": int(np.sum(~varied)), "median_r": float(np.median(r)),
+            "p10_r": float(np.percentile(r, 10)),
             "peak_row_median": float(np.median(rows)), "peak_row_q1": float(np.percentile(rows, 25)),
             "peak_row_q3": float(np.percentile(rows, 75))}
 

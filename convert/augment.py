@@ -107,49 +107,6 @@ def contrast_curves(x: Any, uniform: Callable[..., Any], share: float) -> Any:
     return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < share, y * 255.0, x)
 
 
-def lesion_contrast(x: Any, mask: Any, uniform: Callable[..., Any], share: float) -> Any:
-    """On a random ``share`` of the images, the lesion and a ring around it get intensities of their own.
-
-    Why: the training tumours are mostly T1 post-contrast slices (a bright enhancing rim), while on T1
-    without contrast a tumour is iso- or hypointense and on T2 and FLAIR it is bright with a bright halo of
-    oedema. :func:`contrast_curves` changes every tissue together, so the tumour's grey levels stay tied to
-    the tissue that shares them; here, inside the lesion ``mask`` (0..1, [B, S, S, 1], the mask moved with
-    the image) the intensities go through a random curve times a random gain (0.5..1.5), and in a ring a few
-    pixels wide around it through a random gain (0.8..1.6), each feathered into the tissue around it. The
-    network then has to find a tumour by its shape and by its differing from the tissue around it, whatever
-    its brightness. Images without a mask are unchanged; x is 0..255 floats [B, S, S, 1].
-    """
-    b, s = ops.shape(x)[0], x.shape[1]
-    odd = lambda k: max(3, int(round(k)) | 1)  # noqa: E731
-    feather, reach = odd(s * 0.04), odd(s * 0.1)
-    core = ops.average_pool(mask, feather, 1, "same")
-    ring = ops.clip(ops.average_pool(ops.max_pool(mask, reach, 1, "same"), feather, 1, "same") - core, 0.0, 1.0)
-    gain = lambda lo, hi: uniform((b, 1, 1, 1), lo, hi)  # noqa: E731
-    inside = ops.clip(contrast_curves(x, uniform, 1.0) * gain(0.5, 1.5), 0.0, 255.0)
-    around = ops.clip(x * gain(0.8, 1.6), 0.0, 255.0)
-    y = x + ring * (around - x)
-    y = y + core * (inside - y)
-    return ops.where(uniform((b, 1, 1, 1), 0.0, 1.0) < share, y, x)
-
-
-class LesionContrast(keras.layers.Layer):
-    """:func:`lesion_contrast` as a layer on ``(image, mask)``: random in training, the identity at inference."""
-
-    def __init__(self, share: float, seed: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.share, self.seed = float(share), seed
-        self.generator = keras.random.SeedGenerator(seed)
-
-    def call(self, x: Any, mask: Any, training: bool = False) -> Any:
-        if not training:
-            return x
-        return lesion_contrast(x, mask, lambda s, lo, hi: keras.random.uniform(s, lo, hi, seed=self.generator),
-                               self.share)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "share": self.share, "seed": self.seed}
-
-
 class _RandomPixels(keras.layers.Layer):
     """A pixel-level random transform as a layer: random per image in training, the identity at inference."""
 

@@ -82,8 +82,7 @@ def feature_model(net: Any, feature_layer: str) -> Any:
     return keras.Model(inp, [fmap, x], name="features")
 
 
-def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0, teacher: Any = None,
-            lesion_contrast: float = 0.0) -> Any:
+def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.0, teacher: Any = None) -> Any:
     """``net`` behind augmentation, with outputs ``probabilities`` and ``outside`` (never saved; shares weights).
 
     Inputs: ``pixels`` [B, S, S, 1] (0..255), ``mask`` [B, S, S, 1] (0..1), ``selector`` [B, classes].
@@ -92,8 +91,7 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
     the class folders' own images only (Learning without Forgetting, Li and Hoiem 2017). Why: the fine-tune
     learns other sources and pasted tumours at the price of in-distribution accuracy; this keeps the
     start's answers where the start was right without holding back what is new (other sources, pastes).
-    Geometry moves pixels and mask together (stacked as two channels); the lesion's own contrast
-    (``lesion_contrast``, a share of the images) then uses the moved mask; intensity and site-style changes
+    Geometry moves pixels and mask together (stacked as two channels); intensity and site-style changes
     touch the pixels only; the mask is then averaged onto the feature-map grid. The images are grayscale; a
     three-channel network (Xception) gets the gray image in all three, as `edge.preprocess.prepare` gives it.
     """
@@ -103,8 +101,6 @@ def wrapper(net: Any, feature_layer: str, seed: int, contrast_curves: float = 0.
     selector = keras.Input((classes,), name="selector")
     both = augment.build(seed)(ops.concatenate([pixels, mask], axis=-1))
     image = both[..., :1]
-    if lesion_contrast:
-        image = augment.LesionContrast(lesion_contrast, seed + 7, name="lesion_contrast")(image, both[..., 1:])
     if contrast_curves:
         image = augment.ContrastCurves(contrast_curves, seed + 6, name="contrast_curves")(image)
     image = augment.SiteStyle(seed + 5, name="site_style")(augment.Intensity(seed + 4, name="intensity")(image))

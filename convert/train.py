@@ -57,7 +57,6 @@ class TrainConfig:
     paste_fraction: float = 0.0
     mask_weight: float = 0.0
     contrast_curves: float = 0.0
-    lesion_contrast: float = 0.0
     anchor_weight: float = 0.0
     paste_into_main: bool = True
     freeze_batchnorm: bool = False
@@ -258,7 +257,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
         teacher = keras.models.clone_model(net)
         teacher.set_weights(net.get_weights())
     anchored = teacher is not None
-    model = guided.wrapper(net, feature_layer, cfg.seed, cfg.contrast_curves, teacher, cfg.lesion_contrast)
+    model = guided.wrapper(net, feature_layer, cfg.seed, cfg.contrast_curves, teacher)
     batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
                                   cfg.batch_size, num, anchored)
     sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
@@ -275,8 +274,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
     recipe = {"stride": cfg.input_size // int(last[1]), "last_width": int(last[-1]), "grid": int(last[1]),
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
               "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum()),
-              "contrast_curves": cfg.contrast_curves,
-              "lesion_contrast": cfg.lesion_contrast, "anchor_weight": cfg.anchor_weight,
+              "contrast_curves": cfg.contrast_curves, "anchor_weight": cfg.anchor_weight,
               "paste_into_main": cfg.paste_into_main}
     return net, hist.history, _val_accuracy(net, clean), recipe
 

@@ -72,11 +72,6 @@ PROG = "edge-train"
               help="With --masks or --extra-healthy: share of training images whose intensities go through a "
                    "random curve that reorders tissue brightness (as between T1, T2 and FLAIR), so lesions are "
                    "found by shape and local contrast rather than by one sequence's grey levels.")
-@click.option("--lesion-contrast", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="With --masks: share of the images with a lesion mask whose lesion gets a random brightness "
-                   "curve of its own and a ring around it a random gain (hypo- or isointense as on T1 without "
-                   "contrast, bright with oedema as on T2 and FLAIR), so a tumour is found by its shape and its "
-                   "difference from the tissue around it rather than by the training set's contrast enhancement.")
 @click.option("--anchor-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --init and the generalising recipe: weight of a loss that keeps the --init model's "
                    "answers on the class folders' own images (KL divergence from a frozen copy; other sources' "
@@ -94,8 +89,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
          feature_copies: int, limit: int | None, cache_dir: Path | None, init: Path | None, stride: str,
          last_width: int | None,
          masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
-         mask_weight: float, contrast_curves: float, lesion_contrast: float, anchor_weight: float,
-         paste_into_main: bool,
+         mask_weight: float, contrast_curves: float, anchor_weight: float, paste_into_main: bool,
          freeze_batchnorm: bool, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
@@ -143,8 +137,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
     if arch == "xception" and guided and (init is None or full_epochs):
         raise click.UsageError("the generalising recipe (--masks, --extra-healthy) fine-tunes a trained xception: "
                                "give its edge-train model as --init, and --epochs (not --full-epochs)")
-    if masks is None and (paste_fraction or mask_weight or lesion_contrast):
-        raise click.UsageError("--paste-fraction, --mask-weight and --lesion-contrast need --masks")
+    if masks is None and (paste_fraction or mask_weight):
+        raise click.UsageError("--paste-fraction and --mask-weight need --masks")
     if contrast_curves and not guided:
         raise click.UsageError("--contrast-curves needs --masks or --extra-healthy (the generalising recipe)")
     if anchor_weight and (not guided or init is None):
@@ -162,8 +156,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         weights=w, fine_tune_epochs=fine_tune_epochs, full_epochs=full_epochs, feature_copies=feature_copies,
         limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), last_width=last_width, masks=masks,
         extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
-        mask_weight=mask_weight, contrast_curves=contrast_curves, lesion_contrast=lesion_contrast,
-        anchor_weight=anchor_weight,
+        mask_weight=mask_weight, contrast_curves=contrast_curves, anchor_weight=anchor_weight,
         paste_into_main=paste_into_main,
         freeze_batchnorm=freeze_batchnorm,
     )

@@ -3,7 +3,7 @@
 Why: the held-out 10% of `Training/` is the same mix of sources and sequences as the rest, so it cannot
 tell a model that finds tumours elsewhere from one that does not (on it every candidate of the
 generalising recipe scores within a few images of the others), and external-dev may not choose models.
-Three probes are built from held-out images only, with the run's own split (`edge-train`'s seed and
+Two probes are built from held-out images only, with the run's own split (`edge-train`'s seed and
 fraction, IXI split by subject):
 
 - **held-out pastes found**: the held-out tumours pasted into the held-out healthy slices of every source
@@ -12,10 +12,7 @@ fraction, IXI split by subject):
 - **under contrast curves**: each held-out class-folder image through one seeded random curve
   (`convert.augment.contrast_curves`), four-class accuracy, tumours found and healthy spared: the same
   anatomy with another sequence's tissue brightness. It favours, by construction, models trained with
-  ``--contrast-curves``;
-- **lesion contrast found**: each held-out tumour slice with a mask through one seeded
-  (`convert.augment.lesion_contrast`): the lesion bright, dark or isointense as on other sequences, share
-  called any tumour. It favours, by construction, models trained with ``--lesion-contrast``.
+  ``--contrast-curves``.
 
     python -m convert.validation_probes runs/a.keras runs/b.keras --data ../shared/data/brain-tumor-mri \\
         --masks ../shared/data/brain-tumor-mri-masks --extra-healthy ../shared/data/ixi-healthy/train --cache-dir cache
@@ -35,14 +32,14 @@ from edge.cli_common import NonEmptyPath, OneLineCommand, error
 
 PROG = "validation_probes"
 #: Seeds of the probes: pastes as `edge-train`'s validation pastes, curves fixed.
-PASTE_SEED, CURVE_SEED, LESION_SEED = 1000, 7, 8
+PASTE_SEED, CURVE_SEED = 1000, 7
 HEALTHY = "notumor"
 
 
 def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size: int, paste_fraction: float,
                  cache_dir: Path | None, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
-    """The held-out images of ``edge-train``'s split (``val_fraction``, ``seed``), their pastes, their curved
-    copies and their tumours with a mask under a lesion contrast of their own."""
+    """The held-out images of ``edge-train``'s split (``val_fraction``, ``seed``), their pastes and their
+    curved copies."""
     import tensorflow as tf
 
     from convert import augment, training_sources
@@ -57,14 +54,8 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
     uniform = lambda shape, lo, hi: tf.constant(rng.uniform(lo, hi, shape).astype(np.float32))  # noqa: E731
     main = val.x[val.is_main].astype(np.float32)
     curved = np.asarray(augment.contrast_curves(tf.constant(main), uniform, 1.0))
-    masked = val.is_main & val.has_mask
-    rng = np.random.default_rng(LESION_SEED)
-    lesion = val.x[masked].astype(np.float32)
-    if len(lesion):  # a tiny split may hold out no tumour with a mask
-        lesion = np.asarray(augment.lesion_contrast(
-            tf.constant(lesion), tf.constant((val.masks[masked].astype(np.float32) / 255.0)[..., None]), uniform, 1.0))
     return {"labels": labels, "pastes": val.x[pasted], "main": main, "main_y": val.y[val.is_main],
-            "curved": curved, "lesion": lesion}
+            "curved": curved}
 
 
 def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: dict[str, Any]) -> dict[str, Any]:
@@ -86,12 +77,10 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
     healthy = images["labels"].index(HEALTHY)
     y = images["main_y"]
     clean, curved, pasted = predict(images["main"]), predict(images["curved"]), predict(images["pastes"])
-    lesion = predict(images["lesion"])
     return {"model": str(model_path), "held_out": int(y.size), "pastes": int(pasted.size),
             "accuracy": rate(clean == y), "pastes_found": rate(pasted != healthy),
             "curves_accuracy": rate(curved == y), "curves_tumour_found": rate(curved[y != healthy] != healthy),
-            "curves_healthy_spared": rate(curved[y == healthy] == healthy),
-            "lesion_tumours": int(lesion.size), "lesion_found": rate(lesion != healthy)}
+            "curves_healthy_spared": rate(curved[y == healthy] == healthy)}
 
 
 @click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,9 +93,8 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per model instead of the table.")
 def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple[Path, ...], paste_fraction: float,
          val_fraction: float, seed: int, cache_dir: Path | None, as_json: bool) -> None:
-    """Score MODELS (edge-train .keras files of one input size) on the held-out pastes, on the held-out
-    images under seeded contrast curves and on the held-out tumours under a seeded lesion contrast:
-    generalisation figures that need no external data.
+    """Score MODELS (edge-train .keras files of one input size) on the held-out pastes and on the held-out
+    images under seeded contrast curves: generalisation figures that need no external data.
 
     Exit codes: 0 scored; 1 a model is not an edge-train model of these labels or sizes differ; 2 usage error.
     """
@@ -131,8 +119,7 @@ def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple
             click.echo(f"{r['model']}: held-out accuracy {pct(r['accuracy'])} ({r['held_out']}), pastes found "
                        f"{pct(r['pastes_found'])} ({r['pastes']}), under curves: accuracy "
                        f"{pct(r['curves_accuracy'])}, tumours found {pct(r['curves_tumour_found'])}, "
-                       f"healthy spared {pct(r['curves_healthy_spared'])}; lesion contrast: tumours found "
-                       f"{pct(r['lesion_found'])} ({r['lesion_tumours']})")
+                       f"healthy spared {pct(r['curves_healthy_spared'])}")
 
 
 if __name__ == "__main__":

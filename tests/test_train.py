@@ -418,37 +418,6 @@ def test_contrast_curves_reorder_tissue_brightness_keep_black_background_and_tou
     assert not np.allclose(np.asarray(layer(x, training=True)), x)
 
 
-def test_lesion_contrast_changes_the_lesion_and_its_ring_only_both_ways_on_its_share() -> None:
-    """A "lesion" (a bright disc, its mask) in a head of one grey level: on about ``share`` of the images the
-    lesion gets a level of its own, above the tissue in some and below it in others (T2-like and T1-like), the
-    pixels beyond the ring stay exactly as they were, an image without a mask never changes, and the layer is
-    the identity at inference."""
-    from convert import augment
-
-    n, s = 400, 32
-    yy, xx = np.mgrid[:s, :s]
-    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 16).astype(np.float32)
-    x = np.zeros((n, s, s, 1), np.float32)
-    x[:, 4:28, 4:28] = 100.0
-    x[..., 0] += disc * 80.0
-    mask = np.repeat(disc[None, ..., None], n, axis=0)
-    mask[: n // 4] = 0.0
-    rng = np.random.default_rng(0)
-    y = np.asarray(augment.lesion_contrast(x, mask, lambda shape, lo, hi: rng.uniform(lo, hi, shape).astype(np.float32),
-                                           0.5))
-    changed = np.abs(y - x).max(axis=(1, 2, 3)) > 1e-3
-    assert not changed[: n // 4].any(), "no mask, no change"
-    assert 0.35 < changed[n // 4:].mean() < 0.65
-    far = (yy - 16) ** 2 + (xx - 16) ** 2 > 8 ** 2
-    np.testing.assert_array_equal(y[:, far], x[:, far])
-    centre = y[changed, 16, 16, 0]
-    assert (centre > 120).sum() > 20 and (centre < 90).sum() > 20, "brighter and darker than the tissue"
-    assert y.min() >= 0 and y.max() <= 255.0 + 1e-3
-    layer = augment.LesionContrast(1.0, seed=3)
-    assert np.array_equal(np.asarray(layer(x, mask, training=False)), x)
-    assert not np.allclose(np.asarray(layer(x, mask, training=True)), x)
-
-
 def test_anchor_loss_keeps_the_start_answers_on_main_images_and_leaves_the_others_free() -> None:
     """A network that learnt a toy task (a bright square = class 1) is fine-tuned on the opposite labels.
     With the anchor, the class folders' images (is_main 1) keep the start's answers, while another source's
@@ -520,7 +489,6 @@ def test_validation_probes_score_the_runs_own_held_out_images(trained: Path, tmp
     res = CliRunner().invoke(probes_main, [str(trained), *args, "--seed", "1", "--json"])
     record = json.loads(res.output.strip().splitlines()[-1])
     assert record["pastes"] > 0 and 0.0 <= record["pastes_found"] <= 1.0
-    assert record["lesion_tumours"] > 0 and 0.0 <= record["lesion_found"] <= 1.0
     bad = tmp_path / "not_a_model.keras"
     bad.write_bytes(b"not a zip")
     res = CliRunner().invoke(probes_main, [str(bad), *args])
@@ -546,8 +514,7 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
                                           "--batch-size", "8", "--val-fraction", "0.25", "--stride", "8",
                                           "--last-width", "48", "--masks", str(MASKS), "--extra-healthy", str(IXI),
-                                          "--paste-fraction", "1", "--mask-weight", "1",
-                                          "--lesion-contrast", "0.5"])
+                                          "--paste-fraction", "1", "--mask-weight", "1"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "g_run" / "log.csv").open()))
     assert len(rows) == 1 and 0 < float(rows[0]["outside_loss"]) <= 1 and np.isfinite(float(rows[0]["val_loss"]))
@@ -559,7 +526,6 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     with zipfile.ZipFile(out) as zf:
         recipe = json.loads(zf.read("edge_mri.json"))["training"]["recipe"]
     assert recipe["grid"] == 4 and recipe["last_width"] == 48 and recipe["pastes_per_epoch"] > 0
-    assert recipe["lesion_contrast"] == 0.5
     tfl = tmp_path / "g.tflite"
     res = CliRunner().invoke(convert_main, [str(out), "--calibration", str(SAMPLE), "--out", str(tfl),
                                             "--num-calibration", "16"])
@@ -572,9 +538,8 @@ def test_guided_options_are_checked(tmp_path: Path) -> None:
     from convert.train_cli import main as train_main
 
     base = [str(SAMPLE), "--out", str(tmp_path / "x.keras")]
-    for option in ("--paste-fraction", "--lesion-contrast"):
-        res = CliRunner().invoke(train_main, base + [option, "0.5"])
-        assert res.exit_code == 2 and "need --masks" in res.output
+    res = CliRunner().invoke(train_main, base + ["--paste-fraction", "0.5"])
+    assert res.exit_code == 2 and "need --masks" in res.output
     for option, said in ((["--masks", str(MASKS)], "give its edge-train model as --init"),
                          (["--last-width", "128"], "custom-cnn only")):
         res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none"] + option)

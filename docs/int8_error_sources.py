@@ -29,7 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convert import augment, calibration, equalise, normalisation, repair
+from convert import agreement, augment, calibration, equalise, normalisation, repair
+from convert.converter import EQUALISE_IMAGES
 from convert.keras_io import load_model
 
 KINDS = ("depthwise", "pointwise", "conv", "dense")
@@ -106,7 +107,8 @@ def with_rounded_activations(model: keras.Model, x: np.ndarray) -> keras.Model:
     return keras.Model(inputs, h)
 
 
-def agreement(model: keras.Model, images: np.ndarray, reference: np.ndarray, norm) -> str:
+def scored(model: keras.Model, images: np.ndarray, reference: np.ndarray, norm) -> str:
+    """Top-1 agreement of ``model`` with the float model's ``reference`` probabilities, and the mean change."""
     p = repair.keras_probabilities(model, images, norm)
     same = p.argmax(1) == reference.argmax(1)
     return f"{same.mean():.2%} ({int((~same).sum())} of {same.size} differ, mean |dp| {np.abs(p - reference).mean():.4f})"
@@ -126,19 +128,20 @@ def main() -> None:
     norm = normalisation.parse(args.preprocess, channels)
     load = dict(size=args.size, channels=channels, pipeline=args.pipeline)
     calib = calibration.load_calibration(args.calibration, count=200, seed=0, **load)
-    held = calibration.load_images(args.calibration, count=repair.CHECK_IMAGES, seed=1, exclude=calib.paths, **load)
+    held, _ = agreement.heldout_images(calib, calibration_dir=args.calibration, heldout_dir=None,
+                                       count=repair.CHECK_IMAGES, seed=0, **load)
     sets = {"check images (held-out variants)": augment.scanner_variants(held.images, 0),
             "test folder": calibration.load_images(args.test, count=10**6, seed=0, **load).images}
     reference = {name: repair.keras_probabilities(model, images, norm) for name, images in sets.items()}
     x = normalisation.apply(calib.images.astype(np.float32), norm)
     equalised = equalise.clone(model)
-    equalise.equalise(equalised, x[:64])
+    equalise.equalise(equalised, x[:EQUALISE_IMAGES])
     for label, kinds in [(f"weights: {k}", (k,)) for k in KINDS] + [("weights: all", KINDS)]:
         rounded = equalise.clone(equalised)
         with_rounded_weights(rounded, kinds)
-        print(label, "; ".join(f"{n} {agreement(rounded, i, reference[n], norm)}" for n, i in sets.items()))
+        print(label, "; ".join(f"{n} {scored(rounded, i, reference[n], norm)}" for n, i in sets.items()))
     rounded = with_rounded_activations(model, x)
-    print("activations: all int8 tensors", "; ".join(f"{n} {agreement(rounded, i, reference[n], norm)}"
+    print("activations: all int8 tensors", "; ".join(f"{n} {scored(rounded, i, reference[n], norm)}"
                                                      for n, i in sets.items()))
 
 

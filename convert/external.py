@@ -8,7 +8,10 @@ per source and per variant (e.g. MRI sequence), each as k of n with a Wilson 95%
 - tumour found: tumour images given any tumour class (sensitivity of tumour vs notumor);
 - healthy spared: healthy images given ``notumor`` (specificity);
 - right class: images of a known class given that class;
-- accuracy (test split only): four-class accuracy.
+- accuracy (test split only): four-class accuracy;
+
+and, threshold-free, the ROC AUC of the model's tumour probability (1 - P(notumor)) for every group of tumour
+images against every group of healthy images (:func:`separation_rows`).
 
 Predictions go through the same predictor as ``edge-evaluate`` (``edge.Classifier`` for a .tflite), so the
 figures are what a device would answer.
@@ -78,6 +81,37 @@ def score(expected: Sequence[str], predicted: Sequence[str], classes: Sequence[s
                                      mask.sum(), **extra))
     elif known.any():
         rows.append(rate_row(name, "right class", (p[known] == e[known]).sum(), known.sum(), **extra))
+    return rows
+
+
+def separation_rows(items: Sequence[dict], labels: Sequence[str],
+                    names: Mapping[str, Mapping[str, str]] | None = None) -> list[Row]:
+    """ROC AUC of P(any tumour) = 1 - P(notumor), each set's tumour images against each set's healthy images,
+    with a 95% interval (:func:`convert.metrics.auc_interval`).
+
+    Why: tumour found and healthy spared are read at one border between "notumor" and the tumour classes, so
+    a change of either mixes two things: where the border sits (an operating point, moved by an offset) and
+    how well the model separates tumours from healthy slices at any border. The AUC is the second alone: a
+    model change that only trades one rate for the other leaves it where it was. Groups are named by set, so
+    the test split's tumours and healthy slices pair with every external set's.
+    """
+    healthy_index = list(labels).index(HEALTHY_LABEL)
+    tumours: dict[str, list[float]] = {}
+    healthy: dict[str, list[float]] = {}
+    for q in items:
+        score_ = 1.0 - float(q["probabilities"][healthy_index])
+        kind = HEALTHY if q["expected"] == HEALTHY else TUMOUR
+        group = names.get(q["set"], {}).get(kind, q["set"])
+        (healthy if kind == HEALTHY else tumours).setdefault(group, []).append(score_)
+    rows: list[Row] = []
+    for t_name, t_scores in tumours.items():
+        for h_name, h_scores in healthy.items():
+            positive = [True] * len(t_scores) + [False] * len(h_scores)
+            auc = metrics.binary_auc(positive, t_scores + h_scores)
+            lo, hi = metrics.auc_interval(auc, len(t_scores), len(h_scores))
+            rows.append({"tumours": t_name, "healthy": h_name, "auc": round(auc, 6),
+                         "ci95": [round(lo, 6), round(hi, 6)], "n_tumours": len(t_scores),
+                         "n_healthy": len(h_scores)})
     return rows
 
 
@@ -192,6 +226,7 @@ def run_external(model_path: str | Path, specs: list[SetSpec], *, test_dir: str 
         "rows": rows,
         "sources": _source_rows(items, classes),
         "variants": variants,
+        "separation": separation_rows(items, labels, {spec.name: spec.names for spec in specs}),
         "seconds": round(seconds, 3),
         "ms_per_image": round(1000.0 * seconds / max(n_images, 1), 3),
         "unreadable": unreadable,

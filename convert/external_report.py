@@ -53,7 +53,30 @@ def markdown(result: dict[str, Any]) -> str:
     if result["variants"]:
         lines += ["", "### Per variant (the rest of the sub-folder name, e.g. the MRI sequence)", "",
                   *_table(["set", "variant", "measure"], ["name", "variant", "measure"], result["variants"])]
+    lines += _separation(result.get("separation") or [])
     return "\n".join(lines) + "\n"
+
+
+def _separation(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The threshold-free table: tumour groups down, healthy groups across, AUC (95% interval) in each cell."""
+    if not rows:
+        return []
+    healthy = {r["healthy"]: r["n_healthy"] for r in rows}
+    tumours = {r["tumours"]: r["n_tumours"] for r in rows}
+    cells = {(r["tumours"], r["healthy"]): r for r in rows}
+    lines = ["", "### Tumours against healthy slices, at any border (ROC AUC)", "",
+             "| tumours \\ healthy | " + " | ".join(f"{h} ({n})" for h, n in healthy.items()) + " |",
+             "|---|" + "---:|" * len(healthy)]
+    for t, n in tumours.items():
+        row = [f"{t} ({n})"]
+        for h in healthy:
+            r = cells.get((t, h))
+            row.append("" if r is None else f"{r['auc']:.3f} ({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f})")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "AUC of the tumour probability (1 - P(notumor)) of each set's tumour images against each set's "
+                  "healthy images (counts in brackets): how well tumours and healthy slices are told apart at any "
+                  "border, not only at the model's own. 95% interval: Hanley and McNeil (1982)."]
+    return lines
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> list[Path]:

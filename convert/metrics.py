@@ -162,6 +162,22 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[float, float]:
+    """Normal 95% interval of a ROC AUC from ``n_pos`` positives and ``n_neg`` negatives (Hanley and McNeil
+    1982, exponential approximation of the variance), clipped to [0, 1].
+
+    Why this one: it needs only the AUC and the two counts, so old reports can be re-read; on sets of a few
+    hundred images it is within a hundredth of DeLong's, which is precision enough to say whether two models
+    separate tumours from healthy slices differently.
+    """
+    if n_pos < 1 or n_neg < 1 or not 0.0 <= auc <= 1.0:
+        raise ValueError(f"need an AUC in [0, 1] and both counts >= 1, got {auc}, {n_pos}, {n_neg}")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value of two models on the same images: ``only_a`` images only model A gets
     right, ``only_b`` only model B (McNemar 1947; the exact binomial form).

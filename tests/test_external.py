@@ -148,6 +148,21 @@ def test_sets_folder_and_test_split_through_the_cli(bundled_model: Path, layout:
     assert result["model"]["sha256"] == hashlib.sha256(bundled_model.read_bytes()).hexdigest()
     assert result["model"]["sha256"] in (out / "external.md").read_text()
 
+    # Threshold-free: every tumour group against every healthy group, the AUC recomputed from the predictions.
+    # Groups carry the set's own row names (the mapped set "M" has "M tumours" and "M normals").
+    tumour_groups = {"Test split (raw)", "T only", "M tumours", str(layout / "oneoff")}
+    healthy_groups = {"Test split (raw)", "H only", "M normals"}
+    sep = result["separation"]
+    assert {(r["tumours"], r["healthy"]) for r in sep} == {(t, h) for t in tumour_groups for h in healthy_groups}
+    row = by_name(sep, tumours="M tumours", healthy="H only")
+    pos = [1 - q["probabilities"][2] for q in result["predictions"] if q["set"] == "M" and q["expected"] != "healthy"]
+    neg = [1 - q["probabilities"][2] for q in result["predictions"] if q["set"] == "H only"]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    assert (row["n_tumours"], row["n_healthy"]) == (len(pos), len(neg)) == (12, 4)
+    assert row["auc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert row["ci95"][0] <= row["auc"] <= row["ci95"][1]
+    assert "(ROC AUC)" in (out / "external.md").read_text()
+
 
 def test_json_and_limit(bundled_model: Path, layout: Path):
     res = CliRunner().invoke(main, [str(bundled_model), "--sets", str(layout / "sets.json"), "--limit", "1", "--json"])

@@ -167,3 +167,15 @@ def test_mcnemar_exact_by_hand() -> None:
     assert metrics.mcnemar_exact(0, 0) == 1.0 and metrics.mcnemar_exact(4, 4) == 1.0
     with pytest.raises(ValueError):
         metrics.mcnemar_exact(-1, 2)
+
+
+def test_auc_interval_matches_hanley_mcneil():
+    """Hanley and McNeil (1982), Table 2: AUC 0.8 from 50 positives and 50 negatives has SE 0.0445."""
+    lo, hi = metrics.auc_interval(0.8, 50, 50)
+    assert (hi - lo) / 2 == pytest.approx(metrics.Z95 * 0.0445, abs=0.001)
+    assert (lo + hi) / 2 == pytest.approx(0.8)
+    assert metrics.auc_interval(1.0, 5, 5) == (1.0, 1.0)
+    narrow, wide = metrics.auc_interval(0.9, 500, 500), metrics.auc_interval(0.9, 20, 20)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    with pytest.raises(ValueError):
+        metrics.auc_interval(0.8, 0, 10)

@@ -71,11 +71,14 @@ def _separation(rows: Sequence[dict[str, Any]]) -> list[str]:
         row = [f"{t} ({n})"]
         for h in healthy:
             r = cells.get((t, h))
-            row.append("" if r is None else f"{r['auc']:.3f} ({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f})")
+            row.append("" if r is None else
+                       f"{r['auc']:.3f} ({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}); {_pct(r['balanced'])}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "AUC of the tumour probability (1 - P(notumor)) of each set's tumour images against each set's "
                   "healthy images (counts in brackets): how well tumours and healthy slices are told apart at any "
-                  "border, not only at the model's own. 95% interval: Hanley and McNeil (1982)."]
+                  "border, not only at the model's own; 95% interval: Hanley and McNeil (1982). After the "
+                  "semicolon: the most that tumours found and healthy spared reach at once at any one threshold "
+                  "on that probability (the best border for two equal bars)."]
     return lines
 
 

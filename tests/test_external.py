@@ -161,6 +161,9 @@ def test_sets_folder_and_test_split_through_the_cli(bundled_model: Path, layout:
     assert (row["n_tumours"], row["n_healthy"]) == (len(pos), len(neg)) == (12, 4)
     assert row["auc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
     assert row["ci95"][0] <= row["auc"] <= row["ci95"][1]
+    cuts = sorted(set(pos + neg)) + [2.0]
+    assert row["balanced"] == pytest.approx(max(min(sum(p >= c for p in pos) / len(pos), sum(n < c for n in neg) / len(neg))
+                                                for c in cuts), abs=1e-6)
     assert "(ROC AUC)" in (out / "external.md").read_text()
 
 

@@ -59,7 +59,6 @@ class TrainConfig:
     contrast_curves: float = 0.0
     anchor_weight: float = 0.0
     paste_into_main: bool = True
-    removal_fraction: float = 0.0
     freeze_batchnorm: bool = False
 
     @property
@@ -259,8 +258,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
         teacher.set_weights(net.get_weights())
     anchored = teacher is not None
     model = guided.wrapper(net, feature_layer, cfg.seed, cfg.contrast_curves, teacher)
-    removal_n = int(round(cfg.removal_fraction * n_tumour)) if pools.main.masks is not None else 0
-    batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n, removal_n),
+    batches = guided.EpochBatches(training_sources.epochs(pools, cfg.seed, cfg.healthy_per_epoch, paste_n),
                                   cfg.batch_size, num, anchored)
     sched = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, len(batches) * cfg.epochs),
                                                    alpha=0.05)
@@ -277,8 +275,7 @@ def train_guided(cfg: TrainConfig, pools, val_pools, run_dir: Path):
               "pastes_per_epoch": paste_n, "healthy_per_epoch": healthy_n, "val_images": int(val.y.size),
               "val_pastes": int(val.has_mask.sum() - val_pools.main.has_mask.sum()),
               "contrast_curves": cfg.contrast_curves, "anchor_weight": cfg.anchor_weight,
-              "paste_into_main": cfg.paste_into_main, "removals_per_epoch": removal_n,
-              "removal_counterparts": int(len(pools.removed())) if removal_n else 0}
+              "paste_into_main": cfg.paste_into_main}
     return net, hist.history, _val_accuracy(net, clean), recipe
 
 

@@ -79,10 +79,6 @@ PROG = "edge-train"
 @click.option("--paste-into-main/--paste-into-other-only", default=True, show_default=True,
               help="With --masks and --extra-healthy: paste tumours into DATA's own healthy slices too, or only "
                    "into the other sources' (DATA's healthy slices then always stay healthy).")
-@click.option("--remove-fraction", type=click.FloatRange(0, 5), default=0.0, show_default=True,
-              help="With --masks: healthy samples per epoch, as a fraction of the real tumour slices, made from "
-                   "the tumour slices themselves with the lesion replaced by the mirrored other hemisphere "
-                   "(symmetric slices, lesions off the midline), so the tumour sources' own look is seen healthy.")
 @click.option("--freeze-batchnorm", is_flag=True,
               help="custom-cnn only: keep the batch norms' statistics fixed (inference mode). Needed with --init "
                    "from a model recovered from its .tflite file (python -m convert.from_tflite), whose batch "
@@ -94,7 +90,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
          last_width: int | None,
          masks: Path | None, extra_healthy: tuple[Path, ...], healthy_per_epoch: int | None, paste_fraction: float,
          mask_weight: float, contrast_curves: float, anchor_weight: float, paste_into_main: bool,
-         remove_fraction: float, freeze_batchnorm: bool, seed: int) -> None:
+         freeze_batchnorm: bool, seed: int) -> None:
     """Train a classifier on DATA (a folder with class sub-folders, or with Training/<class>/).
 
     Every image is prepared exactly as the device will prepare it (grayscale, crop to the head, contrast
@@ -141,8 +137,8 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
     if arch == "xception" and guided and (init is None or full_epochs):
         raise click.UsageError("the generalising recipe (--masks, --extra-healthy) fine-tunes a trained xception: "
                                "give its edge-train model as --init, and --epochs (not --full-epochs)")
-    if masks is None and (paste_fraction or mask_weight or remove_fraction):
-        raise click.UsageError("--paste-fraction, --mask-weight and --remove-fraction need --masks")
+    if masks is None and (paste_fraction or mask_weight):
+        raise click.UsageError("--paste-fraction and --mask-weight need --masks")
     if contrast_curves and not guided:
         raise click.UsageError("--contrast-curves needs --masks or --extra-healthy (the generalising recipe)")
     if anchor_weight and (not guided or init is None):
@@ -161,7 +157,7 @@ def main(data: Path, arch: str, out: Path, input_size: int | None, epochs: int, 
         limit=limit, cache_dir=cache_dir, init=init, stride=int(stride), last_width=last_width, masks=masks,
         extra_healthy=tuple(extra_healthy), healthy_per_epoch=healthy_per_epoch, paste_fraction=paste_fraction,
         mask_weight=mask_weight, contrast_curves=contrast_curves, anchor_weight=anchor_weight,
-        paste_into_main=paste_into_main, removal_fraction=remove_fraction,
+        paste_into_main=paste_into_main,
         freeze_batchnorm=freeze_batchnorm,
     )
     carried = train.run(cfg)

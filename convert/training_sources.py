@@ -5,9 +5,7 @@ Three pools, all prepared exactly as the device prepares a scan:
 - the class-folder data set (``Training/<class>/``) with its lesion masks carried into model space;
 - extra healthy slices of other sources (``--extra-healthy``, e.g. IXI ``train/``), labelled "notumor" and
   split into training and validation *by subject*, so no person's slices sit on both sides;
-- tumour copy-paste samples made fresh every epoch from the two (:mod:`convert.copy_paste`);
-- optionally, healthy counterparts of the class folders' own tumour slices, the lesion replaced by the other
-  hemisphere's tissue (:mod:`convert.lesion_removal`), drawn every epoch.
+- tumour copy-paste samples made fresh every epoch from the two (:mod:`convert.copy_paste`).
 
 Folders that are for validation only (``external-dev``, IXI ``dev``) are refused by name, whatever path
 leads to them, so a typo cannot leak them into training; the run also writes its exact file lists.
@@ -22,7 +20,6 @@ import click
 import numpy as np
 
 from convert.copy_paste import paste_batch
-from convert.lesion_removal import counterparts
 from convert.dataset import IMAGE_SUFFIXES, FolderData, class_weights, images_under, load_files
 
 #: Path fragments that mark validation-only data (see ../shared/README.md): never training, calibration
@@ -92,13 +89,6 @@ class Pools:
         ok = self.main.has_mask & (self.main.y != self.main.labels.index(HEALTHY))
         return self.main.x[ok], self.main.masks[ok], self.main.y[ok]
 
-    def removed(self) -> np.ndarray:
-        """The donors' lesion-free counterparts (computed on first use, then kept: they never change)."""
-        if not hasattr(self, "_removed"):
-            x, m, _ = self.donors()
-            self._removed = counterparts(x, m)
-        return self._removed
-
 
 @dataclass
 class Epoch:
@@ -119,9 +109,8 @@ def _weights(y: np.ndarray, num_classes: int) -> np.ndarray:
     return np.array([w[int(c)] for c in y], np.float32)
 
 
-def compose(pools: Pools, rng: np.random.Generator, healthy_n: int | None, paste_n: int, removal_n: int = 0) -> Epoch:
-    """All of ``main``, ``healthy_n`` random extra healthy slices (all when None), ``paste_n`` fresh pastes and
-    ``removal_n`` lesion-free counterparts drawn with replacement, labelled healthy."""
+def compose(pools: Pools, rng: np.random.Generator, healthy_n: int | None, paste_n: int) -> Epoch:
+    """All of ``main``, ``healthy_n`` random extra healthy slices (all when None) and ``paste_n`` fresh pastes."""
     m = pools.main
     size = m.x.shape[1]
     xs, ms, ys, hs, mains = [m.x], [m.masks], [m.y], [m.has_mask], [np.ones(m.y.size, bool)]
@@ -140,23 +129,15 @@ def compose(pools: Pools, rng: np.random.Generator, healthy_n: int | None, paste
         ys.append(py)
         hs.append(np.ones(py.size, bool))
         mains.append(np.zeros(py.size, bool))
-    removed = pools.removed() if removal_n > 0 else np.zeros((0,))
-    if len(removed):
-        pick = rng.integers(len(removed), size=removal_n)
-        xs.append(removed[pick])
-        ms.append(np.zeros((removal_n, size, size), np.uint8))
-        ys.append(np.full(removal_n, m.labels.index(HEALTHY), m.y.dtype))
-        hs.append(np.zeros(removal_n, bool))
-        mains.append(np.zeros(removal_n, bool))
     y = np.concatenate(ys)
     return Epoch(np.concatenate(xs), np.concatenate(ms), y, np.concatenate(hs), _weights(y, len(m.labels)),
                  np.concatenate(mains))
 
 
-def epochs(pools: Pools, seed: int, healthy_n: int | None, paste_n: int, removal_n: int = 0) -> Iterator[Epoch]:
-    """An endless stream of shuffled epochs, each with new healthy draws, new pastes and new removal draws."""
+def epochs(pools: Pools, seed: int, healthy_n: int | None, paste_n: int) -> Iterator[Epoch]:
+    """An endless stream of shuffled epochs, each with new healthy draws and new pastes."""
     rng = np.random.default_rng(seed)
     while True:
-        e = compose(pools, rng, healthy_n, paste_n, removal_n)
+        e = compose(pools, rng, healthy_n, paste_n)
         order = rng.permutation(e.y.size)
         yield Epoch(e.x[order], e.masks[order], e.y[order], e.has_mask[order], e.weight[order], e.is_main[order])

@@ -3,7 +3,7 @@
 Why: the held-out 10% of `Training/` is the same mix of sources and sequences as the rest, so it cannot
 tell a model that finds tumours elsewhere from one that does not (on it every candidate of the
 generalising recipe scores within a few images of the others), and external-dev may not choose models.
-Three probes are built from held-out images only, with the run's own split (`edge-train`'s seed and
+Two probes are built from held-out images only, with the run's own split (`edge-train`'s seed and
 fraction, IXI split by subject):
 
 - **held-out pastes found**: the held-out tumours pasted into the held-out healthy slices of every source
@@ -12,10 +12,7 @@ fraction, IXI split by subject):
 - **under contrast curves**: each held-out class-folder image through one seeded random curve
   (`convert.augment.contrast_curves`), four-class accuracy, tumours found and healthy spared: the same
   anatomy with another sequence's tissue brightness. It favours, by construction, models trained with
-  ``--contrast-curves``;
-- **removals spared**: the held-out tumours whose lesion can be replaced by the other hemisphere
-  (`convert.lesion_removal`), share called "notumor": the tumour sources' own look without a lesion. It
-  favours, by construction, models trained with ``--remove-fraction``.
+  ``--contrast-curves``.
 
     python -m convert.validation_probes runs/a.keras runs/b.keras --data ../shared/data/brain-tumor-mri \\
         --masks ../shared/data/brain-tumor-mri-masks --extra-healthy ../shared/data/ixi-healthy/train --cache-dir cache
@@ -41,11 +38,11 @@ HEALTHY = "notumor"
 
 def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size: int, paste_fraction: float,
                  cache_dir: Path | None, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
-    """The held-out images of ``edge-train``'s split (``val_fraction``, ``seed``), their pastes, their
-    curved copies and their tumours' lesion-free counterparts."""
+    """The held-out images of ``edge-train``'s split (``val_fraction``, ``seed``), their pastes and their
+    curved copies."""
     import tensorflow as tf
 
-    from convert import augment, lesion_removal, training_sources
+    from convert import augment, training_sources
 
     labels, pools = held_out_pools(data, size, extra_healthy=extra_healthy, masks=masks, cache_dir=cache_dir,
                                    val_fraction=val_fraction, seed=seed)
@@ -57,13 +54,12 @@ def probe_images(data: Path, masks: Path, extra_healthy: tuple[Path, ...], size:
     uniform = lambda shape, lo, hi: tf.constant(rng.uniform(lo, hi, shape).astype(np.float32))  # noqa: E731
     main = val.x[val.is_main].astype(np.float32)
     curved = np.asarray(augment.contrast_curves(tf.constant(main), uniform, 1.0))
-    donors, donor_masks, _ = pools.donors()
     return {"labels": labels, "pastes": val.x[pasted], "main": main, "main_y": val.y[val.is_main],
-            "curved": curved, "removed": lesion_removal.counterparts(donors, donor_masks)}
+            "curved": curved}
 
 
 def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: dict[str, Any]) -> dict[str, Any]:
-    """The three probes' figures for one Keras model (loaded from ``model_path``) of the images' labels and size."""
+    """The two probes' figures for one Keras model (loaded from ``model_path``) of the images' labels and size."""
     from convert.train import predict as probabilities
 
     if carried is None or carried.get("labels") != images["labels"]:
@@ -81,12 +77,10 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
     healthy = images["labels"].index(HEALTHY)
     y = images["main_y"]
     clean, curved, pasted = predict(images["main"]), predict(images["curved"]), predict(images["pastes"])
-    removed = predict(images["removed"])
     return {"model": str(model_path), "held_out": int(y.size), "pastes": int(pasted.size),
             "accuracy": rate(clean == y), "pastes_found": rate(pasted != healthy),
             "curves_accuracy": rate(curved == y), "curves_tumour_found": rate(curved[y != healthy] != healthy),
-            "curves_healthy_spared": rate(curved[y == healthy] == healthy), "removals": int(removed.size),
-            "removals_spared": rate(removed == healthy)}
+            "curves_healthy_spared": rate(curved[y == healthy] == healthy)}
 
 
 @click.command(PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,9 +93,8 @@ def probe(model_path: Path, model: Any, carried: dict[str, Any] | None, images: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per model instead of the table.")
 def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple[Path, ...], paste_fraction: float,
          val_fraction: float, seed: int, cache_dir: Path | None, as_json: bool) -> None:
-    """Score MODELS (edge-train .keras files of one input size) on the held-out pastes, on the held-out
-    images under seeded contrast curves and on the held-out tumours with their lesion removed:
-    generalisation figures that need no external data.
+    """Score MODELS (edge-train .keras files of one input size) on the held-out pastes and on the held-out
+    images under seeded contrast curves: generalisation figures that need no external data.
 
     Exit codes: 0 scored; 1 a model is not an edge-train model of these labels or sizes differ; 2 usage error.
     """
@@ -126,8 +119,7 @@ def main(models: tuple[Path, ...], data: Path, masks: Path, extra_healthy: tuple
             click.echo(f"{r['model']}: held-out accuracy {pct(r['accuracy'])} ({r['held_out']}), pastes found "
                        f"{pct(r['pastes_found'])} ({r['pastes']}), under curves: accuracy "
                        f"{pct(r['curves_accuracy'])}, tumours found {pct(r['curves_tumour_found'])}, "
-                       f"healthy spared {pct(r['curves_healthy_spared'])}, removals spared "
-                       f"{pct(r['removals_spared'])} ({r['removals']})")
+                       f"healthy spared {pct(r['curves_healthy_spared'])}")
 
 
 if __name__ == "__main__":

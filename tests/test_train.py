@@ -489,7 +489,6 @@ def test_validation_probes_score_the_runs_own_held_out_images(trained: Path, tmp
     res = CliRunner().invoke(probes_main, [str(trained), *args, "--seed", "1", "--json"])
     record = json.loads(res.output.strip().splitlines()[-1])
     assert record["pastes"] > 0 and 0.0 <= record["pastes_found"] <= 1.0
-    assert record["removals"] >= 0 and (record["removals_spared"] is None) == (record["removals"] == 0)
     bad = tmp_path / "not_a_model.keras"
     bad.write_bytes(b"not a zip")
     res = CliRunner().invoke(probes_main, [str(bad), *args])
@@ -515,7 +514,7 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     res = CliRunner().invoke(train_main, [str(SAMPLE), "--out", str(out), "--input-size", "32", "--epochs", "1",
                                           "--batch-size", "8", "--val-fraction", "0.25", "--stride", "8",
                                           "--last-width", "48", "--masks", str(MASKS), "--extra-healthy", str(IXI),
-                                          "--paste-fraction", "1", "--mask-weight", "1", "--remove-fraction", "1"])
+                                          "--paste-fraction", "1", "--mask-weight", "1"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "g_run" / "log.csv").open()))
     assert len(rows) == 1 and 0 < float(rows[0]["outside_loss"]) <= 1 and np.isfinite(float(rows[0]["val_loss"]))
@@ -527,7 +526,6 @@ def test_guided_recipe_trains_converts_and_writes_its_file_lists(tmp_path: Path)
     with zipfile.ZipFile(out) as zf:
         recipe = json.loads(zf.read("edge_mri.json"))["training"]["recipe"]
     assert recipe["grid"] == 4 and recipe["last_width"] == 48 and recipe["pastes_per_epoch"] > 0
-    assert recipe["removals_per_epoch"] > 0 and recipe["removal_counterparts"] >= 0
     tfl = tmp_path / "g.tflite"
     res = CliRunner().invoke(convert_main, [str(out), "--calibration", str(SAMPLE), "--out", str(tfl),
                                             "--num-calibration", "16"])
@@ -540,9 +538,8 @@ def test_guided_options_are_checked(tmp_path: Path) -> None:
     from convert.train_cli import main as train_main
 
     base = [str(SAMPLE), "--out", str(tmp_path / "x.keras")]
-    for option in ("--paste-fraction", "--remove-fraction"):
-        res = CliRunner().invoke(train_main, base + [option, "0.5"])
-        assert res.exit_code == 2 and "need --masks" in res.output
+    res = CliRunner().invoke(train_main, base + ["--paste-fraction", "0.5"])
+    assert res.exit_code == 2 and "need --masks" in res.output
     for option, said in ((["--masks", str(MASKS)], "give its edge-train model as --init"),
                          (["--last-width", "128"], "custom-cnn only")):
         res = CliRunner().invoke(train_main, base + ["--arch", "xception", "--weights", "none"] + option)

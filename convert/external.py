@@ -88,10 +88,10 @@ def balanced(tumours: Sequence[float], healthy: Sequence[float]) -> float:
     """The most that tumours found and healthy spared reach *at once* at any one threshold on the tumour
     score (max over thresholds of min(sensitivity, specificity)): what the best border could give a pair of
     equal bars, e.g. 90% found and 90% spared."""
-    t, h = np.asarray(tumours, np.float64), np.asarray(healthy, np.float64)
+    t, h = np.sort(np.asarray(tumours, np.float64)), np.sort(np.asarray(healthy, np.float64))
     cuts = np.concatenate([np.unique(np.concatenate([t, h])), [np.inf]])
-    found = (t[None, :] >= cuts[:, None]).mean(1)
-    spared = (h[None, :] < cuts[:, None]).mean(1)
+    found = 1.0 - np.searchsorted(t, cuts, side="left") / t.size
+    spared = np.searchsorted(h, cuts, side="left") / h.size
     return float(np.minimum(found, spared).max())
 
 
@@ -103,9 +103,11 @@ def separation_rows(items: Sequence[dict], labels: Sequence[str],
     Why: tumour found and healthy spared are read at one border between "notumor" and the tumour classes, so
     a change of either mixes two things: where the border sits (an operating point, moved by an offset) and
     how well the model separates tumours from healthy slices at any border. The AUC is the second alone: a
-    model change that only trades one rate for the other leaves it where it was. Groups are named by set, so
-    the test split's tumours and healthy slices pair with every external set's.
+    model change that only trades one rate for the other leaves it where it was. Groups are named as the
+    set's tumour-found and healthy-spared rows (``names``: each set's own row names, as in its spec), so the
+    test split's tumours and healthy slices pair with every external set's.
     """
+    names = names or {}
     healthy_index = list(labels).index(HEALTHY_LABEL)
     tumours: dict[str, list[float]] = {}
     healthy: dict[str, list[float]] = {}

@@ -189,3 +189,18 @@ def test_balanced_point_is_the_best_common_rate():
     assert balanced([0.2, 0.6, 0.9], [0.1, 0.3, 0.7]) == pytest.approx(2 / 3)
     assert balanced([0.8, 0.9], [0.1, 0.2]) == 1.0
     assert balanced([0.1], [0.9]) == 0.0
+
+
+def test_separation_rows_pair_every_tumour_group_with_every_healthy_group():
+    """Without row names the groups are the sets; scores are 1 - P(notumor); the counts and AUC follow."""
+    from convert.external import separation_rows
+
+    labels = ["glioma", "meningioma", "notumor", "pituitary"]
+    items = [{"set": "A", "expected": "tumour", "probabilities": [0.8, 0.0, 0.2, 0.0]},
+             {"set": "A", "expected": "glioma", "probabilities": [0.4, 0.0, 0.6, 0.0]},
+             {"set": "A", "expected": "healthy", "probabilities": [0.1, 0.0, 0.9, 0.0]},
+             {"set": "B", "expected": "healthy", "probabilities": [0.5, 0.0, 0.5, 0.0]}]
+    rows = {(r["tumours"], r["healthy"]): r for r in separation_rows(items, labels)}
+    assert set(rows) == {("A", "A"), ("A", "B")}
+    assert rows["A", "A"]["auc"] == 1.0 and rows["A", "A"]["balanced"] == 1.0
+    assert rows["A", "B"]["auc"] == 0.5 and (rows["A", "B"]["n_tumours"], rows["A", "B"]["n_healthy"]) == (2, 1)

@@ -84,21 +84,10 @@ def score(expected: Sequence[str], predicted: Sequence[str], classes: Sequence[s
     return rows
 
 
-def balanced(tumours: Sequence[float], healthy: Sequence[float]) -> float:
-    """The most that tumours found and healthy spared reach *at once* at any one threshold on the tumour
-    score (max over thresholds of min(sensitivity, specificity)): what the best border could give a pair of
-    equal bars, e.g. 90% found and 90% spared."""
-    t, h = np.sort(np.asarray(tumours, np.float64)), np.sort(np.asarray(healthy, np.float64))
-    cuts = np.concatenate([np.unique(np.concatenate([t, h])), [np.inf]])
-    found = 1.0 - np.searchsorted(t, cuts, side="left") / t.size
-    spared = np.searchsorted(h, cuts, side="left") / h.size
-    return float(np.minimum(found, spared).max())
-
-
 def separation_rows(items: Sequence[dict], labels: Sequence[str],
                     names: Mapping[str, Mapping[str, str]] | None = None) -> list[Row]:
     """ROC AUC of P(any tumour) = 1 - P(notumor), each set's tumour images against each set's healthy images,
-    with a 95% interval (:func:`convert.metrics.auc_interval`) and the :func:`balanced` point.
+    with a 95% interval (:func:`convert.metrics.auc_interval`) and the best common rate (:func:`convert.metrics.best_common_rate`).
 
     Why: tumour found and healthy spared are read at one border between "notumor" and the tumour classes, so
     a change of either mixes two things: where the border sits (an operating point, moved by an offset) and
@@ -124,7 +113,7 @@ def separation_rows(items: Sequence[dict], labels: Sequence[str],
             lo, hi = metrics.auc_interval(auc, len(t_scores), len(h_scores))
             rows.append({"tumours": t_name, "healthy": h_name, "auc": round(auc, 6),
                          "ci95": [round(lo, 6), round(hi, 6)], "n_tumours": len(t_scores),
-                         "n_healthy": len(h_scores), "balanced": round(balanced(t_scores, h_scores), 6)})
+                         "n_healthy": len(h_scores), "balanced": round(metrics.best_common_rate(t_scores, h_scores), 6)})
     return rows
 
 

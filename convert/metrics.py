@@ -179,6 +179,17 @@ def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[fl
     return max(0.0, auc - half), min(1.0, auc + half)
 
 
+def best_common_rate(tumours: Sequence[float], healthy: Sequence[float]) -> float:
+    """The most that tumours found and healthy spared reach *at once* at any one threshold on the tumour
+    score (max over thresholds of min(sensitivity, specificity)): what the best border could give a pair of
+    equal bars, e.g. 90% found and 90% spared."""
+    t, h = np.sort(np.asarray(tumours, np.float64)), np.sort(np.asarray(healthy, np.float64))
+    cuts = np.concatenate([np.unique(np.concatenate([t, h])), [np.inf]])
+    found = 1.0 - np.searchsorted(t, cuts, side="left") / t.size
+    spared = np.searchsorted(h, cuts, side="left") / h.size
+    return float(np.minimum(found, spared).max())
+
+
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value of two models on the same images: ``only_a`` images only model A gets
     right, ``only_b`` only model B (McNemar 1947; the exact binomial form).

@@ -184,11 +184,9 @@ def test_auc_interval_matches_hanley_mcneil():
 def test_balanced_point_is_the_best_common_rate():
     """Tumour scores 0.2, 0.6, 0.9 against healthy 0.1, 0.3, 0.7: the threshold 0.6 finds 2 of 3 tumours and
     spares 2 of 3 healthy slices, and no threshold does better for both at once; a perfect split gives 1."""
-    from convert.external import balanced
-
-    assert balanced([0.2, 0.6, 0.9], [0.1, 0.3, 0.7]) == pytest.approx(2 / 3)
-    assert balanced([0.8, 0.9], [0.1, 0.2]) == 1.0
-    assert balanced([0.1], [0.9]) == 0.0
+    assert metrics.best_common_rate([0.2, 0.6, 0.9], [0.1, 0.3, 0.7]) == pytest.approx(2 / 3)
+    assert metrics.best_common_rate([0.8, 0.9], [0.1, 0.2]) == 1.0
+    assert metrics.best_common_rate([0.1], [0.9]) == 0.0
 
 
 def test_separation_rows_pair_every_tumour_group_with_every_healthy_group():

@@ -11,7 +11,8 @@ per source and per variant (e.g. MRI sequence), each as k of n with a Wilson 95%
 - accuracy (test split only): four-class accuracy;
 
 and, threshold-free, the ROC AUC of the model's tumour probability (1 - P(notumor)) for every group of tumour
-images against every group of healthy images (:func:`separation_rows`).
+images against every group of healthy images (:func:`separation_rows`) and, within a set, of one variant's
+tumours against the same variant's healthy images (:func:`variant_separation_rows`).
 
 Predictions go through the same predictor as ``edge-evaluate`` (``edge.Classifier`` for a .tflite), so the
 figures are what a device would answer.
@@ -97,24 +98,50 @@ def separation_rows(items: Sequence[dict], labels: Sequence[str],
     test split's tumours and healthy slices pair with every external set's.
     """
     names = names or {}
-    healthy_index = list(labels).index(HEALTHY_LABEL)
     tumours: dict[str, list[float]] = {}
     healthy: dict[str, list[float]] = {}
     for q in items:
-        score_ = 1.0 - float(q["probabilities"][healthy_index])
         kind = HEALTHY if q["expected"] == HEALTHY else TUMOUR
         group = names.get(q["set"], {}).get(kind, q["set"])
-        (healthy if kind == HEALTHY else tumours).setdefault(group, []).append(score_)
-    rows: list[Row] = []
-    for t_name, t_scores in tumours.items():
-        for h_name, h_scores in healthy.items():
-            positive = [True] * len(t_scores) + [False] * len(h_scores)
-            auc = metrics.binary_auc(positive, t_scores + h_scores)
-            lo, hi = metrics.auc_interval(auc, len(t_scores), len(h_scores))
-            rows.append({"tumours": t_name, "healthy": h_name, "auc": round(auc, 6),
-                         "ci95": [round(lo, 6), round(hi, 6)], "n_tumours": len(t_scores),
-                         "n_healthy": len(h_scores), "balanced": round(metrics.best_common_rate(t_scores, h_scores), 6)})
-    return rows
+        (healthy if kind == HEALTHY else tumours).setdefault(group, []).append(_tumour_score(q, labels))
+    return [_separation_row(t_scores, h_scores, tumours=t_name, healthy=h_name)
+            for t_name, t_scores in tumours.items() for h_name, h_scores in healthy.items()]
+
+
+def variant_separation_rows(items: Sequence[dict], labels: Sequence[str],
+                            names: Mapping[str, Mapping[str, str]] | None = None) -> list[Row]:
+    """The same AUC within one set and one variant: its tumours of variant V against its healthy images of V.
+
+    Why: a set whose tumours come in several MRI sequences but whose healthy slices in fewer (the 44-class
+    set has T1 post-contrast tumours and no post-contrast normals) mixes, in :func:`separation_rows`, "is
+    there a tumour" with "which sequence is this". Within one sequence only the first is left, which says
+    whether a model fails to see tumours on that sequence or only to set one border for all of them.
+    Variants with tumours but no healthy images of their own (or the reverse) give no row.
+    """
+    names = names or {}
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for q in items:
+        if not q.get("variant"):
+            continue
+        kind = HEALTHY if q["expected"] == HEALTHY else TUMOUR
+        groups.setdefault((q["set"], q["variant"]), {}).setdefault(kind, []).append(_tumour_score(q, labels))
+    return [_separation_row(g[TUMOUR], g[HEALTHY], set=set_name, variant=variant,
+                            tumours=names.get(set_name, {}).get(TUMOUR, set_name),
+                            healthy=names.get(set_name, {}).get(HEALTHY, set_name))
+            for (set_name, variant), g in sorted(groups.items()) if TUMOUR in g and HEALTHY in g]
+
+
+def _tumour_score(item: Mapping[str, Any], labels: Sequence[str]) -> float:
+    """P(any tumour) = 1 - P(notumor) of one prediction."""
+    return 1.0 - float(item["probabilities"][list(labels).index(HEALTHY_LABEL)])
+
+
+def _separation_row(t_scores: list[float], h_scores: list[float], **names: str) -> Row:
+    """AUC with its 95% interval, the counts and the best common rate of one tumour group against one healthy."""
+    auc = metrics.binary_auc([True] * len(t_scores) + [False] * len(h_scores), t_scores + h_scores)
+    lo, hi = metrics.auc_interval(auc, len(t_scores), len(h_scores))
+    return {**names, "auc": round(auc, 6), "ci95": [round(lo, 6), round(hi, 6)], "n_tumours": len(t_scores),
+            "n_healthy": len(h_scores), "balanced": round(metrics.best_common_rate(t_scores, h_scores), 6)}
 
 
 def model_sha256(path: Path) -> str:
@@ -214,6 +241,7 @@ def run_external(model_path: str | Path, specs: list[SetSpec], *, test_dir: str 
         order = {r["name"]: i for i, r in enumerate(set_rows)}
         variants += sorted(by_variant, key=lambda r: order[r["name"]])  # stable: variants stay sorted per row
     seconds = time.perf_counter() - start
+    spec_names = {spec.name: spec.names for spec in specs}
     return {
         "schema": 1,
         "kind": "external-validation",
@@ -228,7 +256,8 @@ def run_external(model_path: str | Path, specs: list[SetSpec], *, test_dir: str 
         "rows": rows,
         "sources": _source_rows(items, classes),
         "variants": variants,
-        "separation": separation_rows(items, labels, {spec.name: spec.names for spec in specs}),
+        "separation": separation_rows(items, labels, spec_names),
+        "separation_by_variant": variant_separation_rows(items, labels, spec_names),
         "seconds": round(seconds, 3),
         "ms_per_image": round(1000.0 * seconds / max(n_images, 1), 3),
         "unreadable": unreadable,

@@ -54,6 +54,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "### Per variant (the rest of the sub-folder name, e.g. the MRI sequence)", "",
                   *_table(["set", "variant", "measure"], ["name", "variant", "measure"], result["variants"])]
     lines += _separation(result.get("separation") or [])
+    lines += _variant_separation(result.get("separation_by_variant") or [])
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +80,20 @@ def _separation(rows: Sequence[dict[str, Any]]) -> list[str]:
                   "border, not only at the model's own; 95% interval: Hanley and McNeil (1982). After the "
                   "semicolon: the most that tumours found and healthy spared reach at once at any one threshold "
                   "on that probability (the best border for two equal bars)."]
+    return lines
+
+
+def _variant_separation(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The same AUC within one set and one variant (e.g. T2 tumours against T2 normals), one row each."""
+    if not rows:
+        return []
+    lines = ["", "### The same within one variant (tumours and healthy slices of one sequence)", "",
+             "| set | variant | tumours | healthy | AUC (95% interval) | best common rate |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['set']} | {r['variant']} | {r['n_tumours']} | {r['n_healthy']} | {r['auc']:.3f} "
+              f"({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}) | {_pct(r['balanced'])} |" for r in rows]
+    lines += ["", "A set's tumours of one variant against its own healthy images of that variant: with the "
+                  "sequence held fixed, only \"is there a tumour\" is left to tell them apart. Variants without "
+                  "healthy images of their own have no row."]
     return lines
 
 

@@ -166,6 +166,17 @@ def test_sets_folder_and_test_split_through_the_cli(bundled_model: Path, layout:
                                                 for c in cuts), abs=1e-6)
     assert "(ROC AUC)" in (out / "external.md").read_text()
 
+    # Within one variant: only the mapped set's T2 has both tumours (Astro T2, Other T2) and normals (_NORMAL T2).
+    (within,) = result["separation_by_variant"]
+    assert (within["set"], within["variant"], within["tumours"], within["healthy"]) == ("M", "T2", "M tumours", "M normals")
+    t2 = [q for q in result["predictions"] if q["set"] == "M" and q["variant"] == "T2"]
+    pos = [1 - q["probabilities"][2] for q in t2 if q["expected"] != "healthy"]
+    neg = [1 - q["probabilities"][2] for q in t2 if q["expected"] == "healthy"]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    assert (within["n_tumours"], within["n_healthy"]) == (6, 3)
+    assert within["auc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert "within one variant" in (out / "external.md").read_text()
+
 
 def test_json_and_limit(bundled_model: Path, layout: Path):
     res = CliRunner().invoke(main, [str(bundled_model), "--sets", str(layout / "sets.json"), "--limit", "1", "--json"])

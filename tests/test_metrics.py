@@ -202,3 +202,21 @@ def test_separation_rows_pair_every_tumour_group_with_every_healthy_group():
     assert set(rows) == {("A", "A"), ("A", "B")}
     assert rows["A", "A"]["auc"] == 1.0 and rows["A", "A"]["balanced"] == 1.0
     assert rows["A", "B"]["auc"] == 0.5 and (rows["A", "B"]["n_tumours"], rows["A", "B"]["n_healthy"]) == (2, 1)
+
+
+def test_variant_separation_rows_hold_the_sequence_fixed():
+    """T1 tumours against T1 normals only; T1C+ has no normals of its own and gives no row, and a tumour
+    scored high on a sequence without normals does not enter another sequence's AUC."""
+    from convert.external import variant_separation_rows
+
+    labels = ["glioma", "meningioma", "notumor", "pituitary"]
+
+    def item(variant: str, expected: str, p_notumor: float) -> dict:
+        return {"set": "F", "variant": variant, "expected": expected,
+                "probabilities": [1 - p_notumor, 0.0, p_notumor, 0.0]}
+
+    items = [item("T1", "tumour", 0.3), item("T1", "tumour", 0.7), item("T1", "healthy", 0.6),
+             item("T1C+", "tumour", 0.0), item("", "healthy", 0.9)]
+    (row,) = variant_separation_rows(items, labels, {"F": {"tumour": "F tumours", "healthy": "F normals"}})
+    assert (row["set"], row["variant"], row["tumours"], row["healthy"]) == ("F", "T1", "F tumours", "F normals")
+    assert (row["n_tumours"], row["n_healthy"]) == (2, 1) and row["auc"] == 0.5

@@ -92,7 +92,9 @@ def main(model: Path, data_dir: Path | None, dedup: Path | None, out: Path | Non
 
     With --sets or --folder (scans from elsewhere, not sorted by our labels): tumour found, healthy spared
     and right class, with Wilson 95% intervals, per set, source and variant, plus DIR's accuracy if given;
-    --out gets external.json, external.md (the model card section) and external.png.
+    and, at any border, the ROC AUC of tumours against healthy slices for every pair of groups and within
+    one variant (e.g. T2 tumours against T2 normals); --out gets external.json, external.md (the model
+    card section) and external.png.
 
     With --masks (a .tflite model; DIR a class-folder set or a flat folder): how well the heatmaps mark the
     lesion: pointing game, heatmap mass inside the mask and its ratio to the mask's share of the head (also

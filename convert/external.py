@@ -98,12 +98,13 @@ def separation_rows(items: Sequence[dict], labels: Sequence[str],
     test split's tumours and healthy slices pair with every external set's.
     """
     names = names or {}
+    healthy_index = list(labels).index(HEALTHY_LABEL)
     tumours: dict[str, list[float]] = {}
     healthy: dict[str, list[float]] = {}
     for q in items:
-        kind = HEALTHY if q["expected"] == HEALTHY else TUMOUR
-        group = names.get(q["set"], {}).get(kind, q["set"])
-        (healthy if kind == HEALTHY else tumours).setdefault(group, []).append(_tumour_score(q, labels))
+        kind = _kind(q)
+        (healthy if kind == HEALTHY else tumours).setdefault(_row_name(names, q["set"], kind), []).append(
+            _tumour_score(q, healthy_index))
     return [_separation_row(t_scores, h_scores, tumours=t_name, healthy=h_name)
             for t_name, t_scores in tumours.items() for h_name, h_scores in healthy.items()]
 
@@ -119,21 +120,30 @@ def variant_separation_rows(items: Sequence[dict], labels: Sequence[str],
     Variants with tumours but no healthy images of their own (or the reverse) give no row.
     """
     names = names or {}
+    healthy_index = list(labels).index(HEALTHY_LABEL)
     groups: dict[tuple[str, str], dict[str, list[float]]] = {}
     for q in items:
-        if not q.get("variant"):
-            continue
-        kind = HEALTHY if q["expected"] == HEALTHY else TUMOUR
-        groups.setdefault((q["set"], q["variant"]), {}).setdefault(kind, []).append(_tumour_score(q, labels))
+        if q.get("variant"):
+            groups.setdefault((q["set"], q["variant"]), {}).setdefault(_kind(q), []).append(
+                _tumour_score(q, healthy_index))
     return [_separation_row(g[TUMOUR], g[HEALTHY], set=set_name, variant=variant,
-                            tumours=names.get(set_name, {}).get(TUMOUR, set_name),
-                            healthy=names.get(set_name, {}).get(HEALTHY, set_name))
+                            tumours=_row_name(names, set_name, TUMOUR), healthy=_row_name(names, set_name, HEALTHY))
             for (set_name, variant), g in sorted(groups.items()) if TUMOUR in g and HEALTHY in g]
 
 
-def _tumour_score(item: Mapping[str, Any], labels: Sequence[str]) -> float:
+def _kind(item: Mapping[str, Any]) -> str:
+    """HEALTHY for an image expected healthy, TUMOUR for any other expectation (a tumour or a tumour class)."""
+    return HEALTHY if item["expected"] == HEALTHY else TUMOUR
+
+
+def _row_name(names: Mapping[str, Mapping[str, str]], set_name: str, kind: str) -> str:
+    """A set's own name for its tumour-found or healthy-spared row (its spec's ``names``), else the set's name."""
+    return names.get(set_name, {}).get(kind, set_name)
+
+
+def _tumour_score(item: Mapping[str, Any], healthy_index: int) -> float:
     """P(any tumour) = 1 - P(notumor) of one prediction."""
-    return 1.0 - float(item["probabilities"][list(labels).index(HEALTHY_LABEL)])
+    return 1.0 - float(item["probabilities"][healthy_index])
 
 
 def _separation_row(t_scores: list[float], h_scores: list[float], **names: str) -> Row:

@@ -16,7 +16,7 @@ model input, where pixels can be removed without resampling.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -98,6 +98,14 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     denom = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def r_with_average(maps: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Pearson r of each map with the maps' own average (the specificity figure of `edge-evaluate --masks`):
+    1.0 for every map when they are all the same map, whatever the scan. NaN for a flat map."""
+    stack = np.asarray(maps, np.float64)
+    average = stack.mean(axis=0)
+    return np.array([pearson(m, average) for m in stack])
 
 
 def heat_order(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -70,12 +70,10 @@ def main() -> None:
     parser.add_argument("layers", nargs="+", help="layers of the nested xception base, e.g. add_10")
     parser.add_argument("--cache-dir", type=Path, default=Path("cache"))
     args = parser.parse_args()
-    from convert.explain_metrics import pearson
+    from convert.explain_metrics import r_with_average
 
     for name, rows in candidate_maps(args.model, args.layers, args.cache_dir).items():
-        maps = np.stack([r[0] for r in rows])
-        mean = maps.mean(axis=0)
-        r = np.nanmedian([pearson(h, mean) for h in maps])
+        r = np.nanmedian(r_with_average([r_[0] for r_ in rows]))
         print(f"{name}: pointing {np.mean([r_[1] for r_ in rows]):.1%}, mass ratio "
               f"{np.nanmedian([r_[2] for r_ in rows]):.2f}x, r with the average map {r:.3f} ({len(rows)} slices)")
 

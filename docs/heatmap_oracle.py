@@ -25,7 +25,7 @@ def oracle_r(size: int, grid: int, images: Path, masks: Path, cache_dir: Path) -
     import tensorflow as tf
 
     from convert.dataset import load_folder
-    from convert.explain_metrics import pearson
+    from convert.explain_metrics import r_with_average
 
     d = load_folder(images, size, 1, "mri-crop-v1", cache_dir=cache_dir, mask_root=masks)
     keep = d.has_mask & (d.y != d.labels.index("notumor"))
@@ -35,8 +35,7 @@ def oracle_r(size: int, grid: int, images: Path, masks: Path, cache_dir: Path) -
     coarse = tf.image.resize(cells, (size, size), method="bilinear").numpy()[..., 0]
     out = {}
     for name, maps in ((f"lesion at {grid}x{grid}", coarse), ("lesion at full size", lesions)):
-        mean = maps.mean(axis=0)
-        r = np.array([pearson(m, mean) for m in maps])
+        r = r_with_average(maps)
         out[name] = {"all": float(np.nanmedian(r)), "n": int(r.size),
                      **{d.labels[c]: float(np.nanmedian(r[y == c])) for c in np.unique(y)}}
     return out

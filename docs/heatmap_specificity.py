@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.explain_metrics import pearson
+from convert.explain_metrics import r_with_average
 from edge import Classifier
 
 
@@ -26,9 +26,8 @@ def specificity(model: str, images: list[Path]) -> dict[str, float]:
     clf = Classifier(model, threads=1)
     maps = np.stack([clf.classify(path).heatmap for path in images])
     vectors = maps.reshape(len(maps), -1)
-    mean = vectors.mean(axis=0)
     varied = vectors.std(axis=1) > 0
-    r = np.array([pearson(h, mean) for h in vectors[varied]])
+    r = r_with_average(vectors)[varied]
     rows = np.array([np.unravel_index(np.argmax(h), h.shape)[0] / h.shape[0] for h in maps[varied]])
     return {"maps": int(np.sum(varied)), "flat": int(np.sum(~varied)), "median_r": float(np.median(r)),
             "p10_r": float(np.percentile(r, 10)),

@@ -83,6 +83,16 @@ def test_pearson():
         em.pearson(a, a[:5])
 
 
+def test_r_with_average_by_hand():
+    """Maps [1,0,0], [1,1,0], [1,0,1] average [1, 1/3, 1/3]: the first is that shape (r 1), the others share
+    half of it (r 0.5); the same map every time gives 1 each; a flat map gives NaN."""
+    r = em.r_with_average([np.array([1.0, 0, 0]), np.array([1.0, 1, 0]), np.array([1.0, 0, 1])])
+    assert r == pytest.approx([1.0, 0.5, 0.5])
+    same = np.arange(9.0).reshape(3, 3)
+    assert em.r_with_average([same, same]) == pytest.approx([1.0, 1.0])
+    assert np.isnan(em.r_with_average([np.ones(3), np.array([0.0, 1, 2])])[0])
+
+
 def test_heat_order_hottest_first_and_ties_shuffled():
     h = np.zeros((4, 4))
     h[3, 3], h[0, 1] = 1.0, 0.5
